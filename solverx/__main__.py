@@ -1,0 +1,3 @@
+from solverx.cli import main
+
+raise SystemExit(main())
