@@ -1,0 +1,427 @@
+"""The generation engine: one base model, many adapters, continuous batching in one worker thread.
+
+All MLX work happens on the engine's own thread (an MLX array must not cross threads unevaluated), so the
+asyncio event loop is never blocked by generation. Requests enter through :meth:`Engine.generate`, an async
+iterator of :class:`Delta`; each decode step advances every running sequence by one token in a single forward
+pass, each sequence on its own adapter slot (see :mod:`adapters.lora`). A sequence joins the batch as soon as its
+prompt is prefilled and leaves it the moment it finishes or its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+
+from adapters.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
+from server.sampling import SamplingParams, sample_rows
+from server.textstream import TextStream
+
+log = logging.getLogger("solverx.engine")
+
+__all__ = [
+    "AdapterRef",
+    "ContextLengthExceeded",
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "SamplingParams",
+]
+
+
+class EngineError(Exception):
+    """A request the engine cannot run; ``code`` and ``status`` say how to report it."""
+
+    code = "engine_error"
+    status = 500
+
+
+class ContextLengthExceeded(EngineError):
+    code = "context_length_exceeded"
+    status = 400
+
+
+class AdapterUnusable(EngineError):
+    code = "invalid_adapter"
+    status = 400
+
+
+class EngineStopped(EngineError):
+    code = "engine_unavailable"
+    status = 503
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An immutable adapter version to generate with: ``key`` identifies it (``name@version``)."""
+
+    key: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one sequence; the last one has a ``finish_reason`` ("stop" or "length")."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32
+    prefill_chunk: int = 512
+    max_resident_adapters: int = 8
+    max_adapter_bytes: int = 512 * 2**20
+    lora_rank: int = 8
+
+
+@dataclass
+class EngineStats:
+    """Counters the metrics endpoint reads; plain ints, updated by the worker thread."""
+
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    steps: int = 0
+    resident_adapters: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    adapter: AdapterRef | None
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancelled: bool = False
+    done: bool = False
+    slot: int = BASE_SLOT
+    key: mx.array | None = None
+    stream: TextStream | None = None
+    last_token: int = 0
+    generated: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+_WAKE = object()
+_STOP = object()
+
+
+class Engine:
+    """Serve one base model with per-sequence LoRA adapters. Start with :meth:`start`, stop with :meth:`stop`."""
+
+    def __init__(self, model_dir: Path, base_id: str, config: EngineConfig | None = None):
+        self.model_dir = Path(model_dir)
+        self.base_id = base_id
+        self.config = config or EngineConfig()
+        self.stats = EngineStats()
+        self.tokenizer = None
+        self.context_length = 0
+        self.model_type = ""
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Load the model on the engine thread and wait until it is ready (re-raises load errors)."""
+        self._thread = threading.Thread(target=self._run, name="solverx-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        return self
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._inbox.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Render messages with the base's chat template, ending where the assistant's answer begins."""
+        if self.model_type.startswith("gemma"):
+            messages = _fold_system(messages)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_tokens: list[int], params: SamplingParams, adapter: AdapterRef | None = None
+    ) -> AsyncIterator[Delta]:
+        """Stream the completion of ``prompt_tokens``. Leaving the iteration early frees the batch slot."""
+        if self._stopped:
+            raise EngineStopped("the engine is shutting down")
+        if not prompt_tokens:
+            raise ContextLengthExceeded("the prompt is empty")
+        if len(prompt_tokens) >= self.context_length:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt_tokens)} tokens; this model's context is {self.context_length} tokens"
+            )
+        seq = _Sequence(list(prompt_tokens), params, adapter, asyncio.get_running_loop(), asyncio.Queue())
+        self._inbox.put(seq)
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.done:
+                seq.cancelled = True
+                self._inbox.put(_WAKE)
+
+    # -- the worker thread -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # reported to start()'s caller
+            self._load_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._waiting: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._cache: list[BatchKVCache] | None = None
+        try:
+            while self._admit_new():
+                self._drop_cancelled()
+                self._start_waiting()
+                if self._active:
+                    self._decode_step()
+                self.stats.running, self.stats.waiting = len(self._active), len(self._waiting)
+        except BaseException as exc:  # never leave a client hanging
+            log.exception("engine worker failed")
+            for seq in [*self._active, *self._waiting]:
+                self._fail(seq, EngineError(f"generation failed: {exc}"))
+        finally:
+            for seq in [*self._active, *self._waiting]:
+                self._fail(seq, EngineStopped("the engine stopped"))
+            self._drain_inbox()
+
+    def _load(self) -> None:
+        from mlx_lm import load
+
+        model, tokenizer = load(str(self.model_dir))
+        config = json.loads((self.model_dir / "config.json").read_text())
+        self.model_type = config.get("model_type", "")
+        self.context_length = _context_length(config, tokenizer)
+        self.slots_context = wrap_model(model, self.config.max_resident_adapters + 1, self.config.lora_rank)
+        model.eval()
+        mx.eval(model.parameters())
+        self.model = model
+        self.tokenizer = tokenizer
+        self.slots = AdapterSlots(model, self.config.max_resident_adapters + 1, self.config.max_adapter_bytes)
+        self._eos = set(tokenizer.eos_token_ids)
+
+    def _admit_new(self) -> bool:
+        """Move submitted sequences into the waiting line; block while there is nothing to do. False = stop."""
+        idle = not self._active and not self._waiting
+        try:
+            item = self._inbox.get() if idle else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if item is _STOP:
+                return False
+            if isinstance(item, _Sequence):
+                self._waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        if any(s.cancelled for s in self._active):
+            self._retire([s for s in self._active if s.cancelled])
+
+    def _start_waiting(self) -> None:
+        """Prefill waiting sequences while the batch has room and their adapters have slots."""
+        joined: list[tuple[_Sequence, list]] = []
+        while self._waiting and len(self._active) + len(joined) < self.config.max_batch:
+            seq = self._waiting[0]
+            try:
+                slot = self._acquire_slot(seq)
+            except EngineError as exc:
+                self._waiting.popleft()
+                self._fail(seq, exc)
+                continue
+            if slot is None:
+                break  # every adapter slot is in use; wait for a sequence to finish
+            self._waiting.popleft()
+            seq.slot = slot
+            cache = self._prefill(seq)
+            if seq.done:
+                self._release_slot(seq)
+            else:
+                joined.append((seq, cache))
+        if joined:
+            self._join_batch(joined)
+
+    def _acquire_slot(self, seq: _Sequence) -> int | None:
+        if seq.adapter is None:
+            return BASE_SLOT
+        try:
+            slot = self.slots.acquire(seq.adapter.key, seq.adapter.path)
+        except AdapterLoadError as exc:
+            raise AdapterUnusable(str(exc)) from exc
+        self.stats.resident_adapters = self.slots.resident
+        return slot
+
+    def _release_slot(self, seq: _Sequence) -> None:
+        if seq.adapter is not None:
+            self.slots.release(seq.adapter.key)
+
+    def _prefill(self, seq: _Sequence) -> list:
+        """Run the prompt through the model on its own cache and sample the first token."""
+        params = seq.params
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            seq.key = mx.random.key(seed)
+        seq.stream = TextStream(self.tokenizer.detokenizer, params.stop)
+        cache = make_prompt_cache(self.model)
+        self.slots_context.set([seq.slot])
+        prompt = mx.array(seq.prompt)
+        chunk = self.config.prefill_chunk
+        for start in range(0, len(seq.prompt), chunk):
+            logits = self.model(prompt[None, start : start + chunk], cache=cache)
+            mx.eval([c.state for c in cache])
+        self.stats.prompt_tokens += len(seq.prompt)
+        tokens, keys = sample_rows(logits[:, -1, :], [(params, seq.key)])
+        seq.key = keys[0]
+        self._advance(seq, int(tokens.item()))
+        return cache
+
+    def _join_batch(self, joined: list[tuple[_Sequence, list]]) -> None:
+        layers = len(joined[0][1])
+        merged = [BatchKVCache.merge([cache[i] for _, cache in joined]) for i in range(layers)]
+        if self._cache is None:
+            self._cache = merged
+        else:
+            for mine, new in zip(self._cache, merged, strict=True):
+                mine.extend(new)
+        self._active.extend(seq for seq, _ in joined)
+
+    def _decode_step(self) -> None:
+        active = self._active
+        self.slots_context.set([s.slot for s in active])
+        inputs = mx.array([[s.last_token] for s in active])
+        logits = self.model(inputs, cache=self._cache)[:, -1, :]
+        tokens, keys = sample_rows(logits, [(s.params, s.key) for s in active])
+        mx.eval(tokens, keys)
+        self.stats.steps += 1
+        for seq, token, key in zip(active, tokens.tolist(), keys, strict=True):
+            seq.key = key
+            if not seq.cancelled:
+                self._advance(seq, token)
+        finished = [s for s in active if s.done or s.cancelled]
+        if finished:
+            self._retire(finished)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        """Account one sampled token: emit its text, or finish the sequence."""
+        seq.generated += 1
+        self.stats.completion_tokens += 1
+        finish = None
+        if token in self._eos and not seq.params.ignore_eos:
+            finish = "stop"
+            text = seq.stream.finish()
+        else:
+            text = seq.stream.push(token)
+            seq.last_token = token
+            if seq.stream.stopped:
+                finish = "stop"
+            elif seq.generated >= seq.params.max_tokens or len(seq.prompt) + seq.generated >= self.context_length:
+                finish = "length"
+                text += seq.stream.finish()
+        if finish is not None:
+            seq.done = True
+        if text or finish is not None:
+            self._emit(seq, Delta(text, finish, len(seq.prompt), seq.generated))
+
+    def _retire(self, leaving: list[_Sequence]) -> None:
+        gone = set(map(id, leaving))
+        keep = [i for i, s in enumerate(self._active) if id(s) not in gone]
+        for seq in leaving:
+            self._release_slot(seq)
+            seq.done = True
+        self._active = [self._active[i] for i in keep]
+        if not self._active:
+            self._cache = None
+        elif self._cache is not None:
+            indices = mx.array(keep)
+            for layer_cache in self._cache:
+                layer_cache.filter(indices)
+
+    def _emit(self, seq: _Sequence, item: Delta | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the client's event loop is already closed
+            seq.loop.call_soon_threadsafe(seq.out.put_nowait, item)
+
+    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
+        if not seq.done:
+            seq.done = True
+            self._emit(seq, exc)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Sequence):
+                self._fail(item, EngineStopped("the engine stopped"))
+
+
+def _context_length(config: dict, tokenizer) -> int:
+    """The longest sequence the model was built for; gemma2 is capped at 4096 (no sliding window in mlx-lm)."""
+    limit = int(config.get("max_position_embeddings") or 0)
+    if not limit:
+        limit = int(getattr(tokenizer, "model_max_length", 0) or 4096)
+        limit = min(limit, 131072)
+    if config.get("model_type") == "gemma2":
+        limit = min(limit, 4096)
+    return limit
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """Gemma's template has no system role: prepend the system text to the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
+    rest = [dict(m) for m in messages if m.get("role") != "system"]
+    if system:
+        for message in rest:
+            if message.get("role") == "user":
+                message["content"] = f"{system}\n\n{message['content']}"
+                break
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+    return rest
