@@ -13,14 +13,56 @@ from collections.abc import Callable
 
 from solverx import __version__
 from solverx.blas import ensure_openblas
+from solverx.config import add_arguments
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _user_facing_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story for the user: printed without a traceback."""
+    from launchd.control import ServiceError
+    from solverx.config import ConfigError
+
+    return (ConfigError, ServiceError)
+
+
+def _settings(args: argparse.Namespace):
+    from solverx.config import load_settings
+
+    return load_settings(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from server.serve import run
 
-    run(host=args.host, port=args.port, home=args.home, log_level=args.log_level)
+    settings, _ = _settings(args)
+    run(settings)
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from solverx.config import format_settings
+
+    print(format_settings(*_settings(args)))
+    return 0
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    import launchd
+
+    settings, _ = _settings(args)
+    serve_args = ("--config", str(settings.config)) if settings.config and settings.config.exists() else ()
+    spec = launchd.build_spec(settings.home, serve_args=serve_args)
+    action = args.action
+    if action == "status":
+        state = launchd.status(spec)
+        print(f"installed: {state.installed}  running: {state.running}  unit: {state.unit_file}")
+        if state.detail:
+            print(state.detail)
+        return 0 if state.running else 3
+    if action == "logs":
+        return launchd.logs(spec, lines=args.lines, follow=args.follow)
+    print(getattr(launchd, action)(spec))
     return 0
 
 
@@ -29,10 +71,7 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     from solverx.tiny import TINY_BASE_ID, build_tiny, ensure_tiny
 
     models = state_dirs(args.home).models
-    if args.force:
-        path = build_tiny(models / TINY_BASE_ID)
-    else:
-        path = ensure_tiny(models)
+    path = build_tiny(models / TINY_BASE_ID) if args.force else ensure_tiny(models)
     print(f"solverx: tiny base model ready at {path}")
     return 0
 
@@ -46,11 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon (OpenAI-compatible API on localhost)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080)")
-    serve.add_argument("--home", help="state directory (default: $SOLVERX_HOME or the platform data dir)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
+
+    config = commands.add_parser("config", help="show the effective configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_commands.add_parser("show", help="print every setting and where its value came from")
+    add_arguments(show)
+    show.set_defaults(handler=_cmd_config_show)
+
+    service = commands.add_parser("service", help="install and control the background service")
+    service.add_argument(
+        "action", choices=["install", "uninstall", "start", "stop", "restart", "status", "logs"]
+    )
+    service.add_argument("--lines", type=int, default=100, help="logs: how many lines to show")
+    service.add_argument("--follow", "-f", action="store_true", help="logs: keep following")
+    add_arguments(service)
+    service.set_defaults(handler=_cmd_service)
 
     tiny = commands.add_parser("build-tiny", help="build the tiny offline base model (solverx-tiny)")
     tiny.add_argument("--home", help="state directory")
@@ -69,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.handler(args)
     except KeyboardInterrupt:
         code = 130
+    except _user_facing_errors() as exc:
+        print(f"solverx: error: {exc}", file=sys.stderr)
+        code = 2
     sys.stdout.flush()
     sys.stderr.flush()
     # MLX used from a worker thread can crash during interpreter teardown (ml-explore/mlx#3126); every
