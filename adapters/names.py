@@ -1,0 +1,42 @@
+"""Adapter names and the model strings that select them (``<adapter>`` or ``<adapter>@<version>``).
+
+A name becomes a directory under the registry root, so it is checked against a strict pattern rather than
+sanitised: anything with a slash, ``..``, uppercase or an empty string is refused, never rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+
+from adapters.errors import InvalidAdapterName
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` unchanged if it is a valid adapter name, else raise :class:`InvalidAdapterName`."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidAdapterName(
+            f"invalid adapter name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_model_name(model: str) -> tuple[str, int | None]:
+    """Split ``"solverx@3"`` into ``("solverx", 3)`` and ``"solverx"`` into ``("solverx", None)``."""
+    if not isinstance(model, str):
+        raise InvalidAdapterName(f"invalid model name {model!r}")
+    name, sep, version = model.partition("@")
+    validate_name(name)
+    if not sep:
+        return name, None
+    if not _VERSION_PATTERN.fullmatch(version):
+        raise InvalidAdapterName(f"invalid version in model name {model!r}: expected <adapter>@<N> with N >= 1")
+    return name, int(version)
+
+
+def format_model_name(name: str, version: int | None = None) -> str:
+    """The inverse of :func:`parse_model_name`."""
+    return name if version is None else f"{name}@{version}"
