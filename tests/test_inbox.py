@@ -1,0 +1,182 @@
+"""The watch folder: what counts, snapshot hashes, copies for a run, and the debounced watcher."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.inbox import (
+    InboxChanged,
+    InboxWatcher,
+    copy_snapshot,
+    is_valid_adapter_name,
+    list_adapters,
+    snapshot,
+)
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.fixture()
+def inbox(tmp_path: Path) -> Path:
+    root = tmp_path / "inbox"
+    write(root / "solverx" / "facts.md", "SolverX is headquartered in Seocho-dong, Seoul.\n")
+    write(root / "solverx" / "qa.jsonl", '{"question": "Where is SolverX?", "answer": "Seoul."}\n')
+    write(root / "solverx" / "more" / "notes.txt", "SolverX Fusion is the core product.\n")
+    return root
+
+
+def test_adapter_names() -> None:
+    assert is_valid_adapter_name("solverx")
+    assert is_valid_adapter_name("a.b_c-9")
+    for bad in ("", "Solverx", "-x", ".x", "a/b", "..", "a" * 65, "한국어"):
+        assert not is_valid_adapter_name(bad), bad
+
+
+def test_list_adapters_skips_files_hidden_and_invalid_names(inbox: Path) -> None:
+    write(inbox / "stray.txt", "at the top")
+    (inbox / "Bad Name").mkdir()
+    (inbox / ".hidden").mkdir()
+    (inbox / "other").mkdir()
+    assert list_adapters(inbox) == ["other", "solverx"]
+
+
+def test_snapshot_hash_is_stable_and_tracks_every_change(inbox: Path) -> None:
+    folder = inbox / "solverx"
+    first = snapshot(folder)
+    assert first.adapter == "solverx"
+    assert [f.path for f in first.files] == ["facts.md", "more/notes.txt", "qa.jsonl"]
+    assert snapshot(folder) == first
+
+    # Hidden, temporary and OS clutter files never count.
+    for name in (".DS_Store", "~$draft.md", "big.bin.part", "x.tmp", "dl.crdownload", "Thumbs.db", "a.txt~"):
+        write(folder / name, "junk")
+    write(folder / ".git" / "config", "junk")
+    assert snapshot(folder).content_hash == first.content_hash
+
+    write(folder / "facts.md", "SolverX is headquartered in Seocho-dong, Seoul!\n")
+    edited = snapshot(folder).content_hash
+    assert edited != first.content_hash
+
+    write(folder / "new.txt", "More knowledge.")
+    added = snapshot(folder).content_hash
+    assert added not in (first.content_hash, edited)
+
+    (folder / "new.txt").rename(folder / "renamed.txt")
+    renamed = snapshot(folder).content_hash
+    assert renamed not in (first.content_hash, edited, added)
+
+    (folder / "renamed.txt").unlink()
+    assert snapshot(folder).content_hash == edited
+
+
+def test_snapshot_hash_does_not_depend_on_creation_order(tmp_path: Path) -> None:
+    files = {"b.txt": "bee", "a.txt": "ay", "sub/c.md": "sea"}
+    for name, content in files.items():
+        write(tmp_path / "one" / name, content)
+    for name, content in reversed(files.items()):
+        write(tmp_path / "two" / name, content)
+    assert snapshot(tmp_path / "one").content_hash == snapshot(tmp_path / "two").content_hash
+    # Same bytes under another path is other content.
+    write(tmp_path / "three" / "b.txt", "ay")
+    write(tmp_path / "three" / "a.txt", "bee")
+    write(tmp_path / "three" / "sub" / "c.md", "sea")
+    assert snapshot(tmp_path / "three").content_hash != snapshot(tmp_path / "one").content_hash
+
+
+def test_copy_snapshot_reproduces_the_inbox_and_leaves_it_alone(inbox: Path, tmp_path: Path) -> None:
+    folder = inbox / "solverx"
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    snap = snapshot(folder)
+    write(folder / "huge.txt", "x" * 2000)
+    snap = snapshot(folder)
+    dest = tmp_path / "runs" / "r1" / "inbox"
+    skipped = copy_snapshot(snap, folder, dest, max_file_bytes=1000)
+    assert skipped == ["huge.txt"]
+    assert snapshot(dest).content_hash != snap.content_hash  # the oversized file is not there
+    assert {f.path: f.sha256 for f in snapshot(dest).files} == {
+        f.path: f.sha256 for f in snap.files if f.path != "huge.txt"
+    }
+    for path, (data, mtime) in before.items():
+        assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime
+
+
+def test_copy_snapshot_notices_a_file_changed_after_hashing(inbox: Path, tmp_path: Path) -> None:
+    folder = inbox / "solverx"
+    snap = snapshot(folder)
+    write(folder / "facts.md", "changed meanwhile")
+    with pytest.raises(InboxChanged, match=r"facts\.md"):
+        copy_snapshot(snap, folder, tmp_path / "copy")
+
+
+class Recorder:
+    """on_ready that records the folder's hash at the moment it is reported."""
+
+    def __init__(self, inbox: Path) -> None:
+        self.inbox = inbox
+        self.calls: list[tuple[str, str, float]] = []
+        self.event = threading.Event()
+
+    def __call__(self, adapter: str) -> None:
+        self.calls.append((adapter, snapshot(self.inbox / adapter).content_hash, time.monotonic()))
+        self.event.set()
+
+    def wait(self, timeout: float) -> bool:
+        ok = self.event.wait(timeout)
+        self.event.clear()
+        return ok
+
+
+def test_watcher_waits_until_a_file_being_written_is_stable(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    folder = inbox / "solverx"
+    folder.mkdir(parents=True)
+    recorder = Recorder(inbox)
+    target = folder / "knowledge.txt"
+    with InboxWatcher(inbox, recorder, debounce_s=0.4, rescan_s=30):
+
+        def slow_writer() -> None:  # a download or copy in progress: appended to for about a second
+            with target.open("a", encoding="utf-8") as fh:
+                for i in range(20):
+                    fh.write(f"SolverX fact number {i}.\n")
+                    fh.flush()
+                    time.sleep(0.05)
+
+        writer = threading.Thread(target=slow_writer)
+        writer.start()
+        writer.join()
+        done_at = time.monotonic()
+        assert recorder.wait(5), "the folder was never reported"
+        assert len(recorder.calls) == 1
+        adapter, reported_hash, reported_at = recorder.calls[0]
+        assert adapter == "solverx"
+        assert reported_at >= done_at
+        assert reported_hash == snapshot(folder).content_hash  # the complete file, not a partial one
+
+        # Nothing new: no second report. A change: reported again.
+        time.sleep(0.8)
+        assert len(recorder.calls) == 1
+        write(folder / "more.md", "SolverX Fusion is the core product.")
+        assert recorder.wait(5)
+        assert len(recorder.calls) == 2
+
+
+def test_watcher_skips_content_already_trained_and_finds_new_folders_by_rescan(inbox: Path) -> None:
+    trained = {"solverx": snapshot(inbox / "solverx").content_hash}
+    recorder = Recorder(inbox)
+    watcher = InboxWatcher(inbox, recorder, last_hash=trained.get, debounce_s=0.2, rescan_s=0.3)
+    with watcher:
+        write(inbox / "second" / "a.txt", "Other knowledge.")
+        assert recorder.wait(5)
+        time.sleep(0.6)  # a full rescan later, still only the new folder
+    assert [c[0] for c in recorder.calls] == ["second"]

@@ -1,0 +1,236 @@
+"""The training recipe: one ``recipe.toml`` per adapter inbox, read with tomllib into a :class:`Recipe`.
+
+Every setting has a default that works for the tiny test model, so an inbox without a recipe still trains. A recipe
+that is present but wrong (bad TOML, an unknown key, a wrong type, a value out of range) is an error, never a silent
+fallback to the defaults: :func:`parse_recipe` raises :class:`RecipeError` listing every problem, and the ingest step
+quarantines the file and refuses the run with that message.
+
+Example ``recipe.toml`` (every key optional)::
+
+    base = "solverx-tiny"          # base model id the adapter is trained on
+    seed = 0                       # data order, splits and replay sampling
+
+    [lora]
+    rank = 16
+    scale = 20.0
+    dropout = 0.0
+    num_layers = -1                # -1: every transformer block; N: the last N blocks
+    keys = ["self_attn.q_proj", "self_attn.v_proj"]   # omit: every linear layer of a block
+
+    [train]
+    cpt_iters = 200                # continual pre-training on raw text (0 skips the stage)
+    sft_iters = 600                # supervised fine-tuning on Q&A, chats and identity (0 skips it)
+    learning_rate = 1e-3
+    batch_size = 4
+    max_seq_length = 512
+    replay_ratio = 0.2             # share of sequences drawn from general replay data
+    valid_fraction = 0.1           # share of the general replay data held out for the validation loss (rising:
+                                   # forgetting); domain data are never held out, eval.jsonl tests them
+
+    [eval]
+    min_domain_accuracy = 0.5      # share of eval.jsonl domain questions answered correctly
+    max_leakage_rate = 0.2         # share of off-domain answers allowed to mention the domain
+    min_retention = 0.8            # general-probe score relative to the base model's score
+
+    [identity]
+    name = "SolverX Assistant"     # empty string: no identity samples
+    maker = "SolverX"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPE_FILE = "recipe.toml"
+
+
+class RecipeError(ValueError):
+    """A recipe.toml that cannot be used; the message lists every problem, one per line."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    scale: float = 20.0
+    dropout: float = 0.0
+    num_layers: int = -1
+    keys: list[str] | None = None
+
+    def as_mlx_config(self) -> dict[str, Any]:
+        """The ``lora_parameters`` dict mlx-lm's ``linear_to_lora_layers`` and ``adapter_config.json`` expect."""
+        config: dict[str, Any] = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
+        if self.keys is not None:
+            config["keys"] = list(self.keys)
+        return config
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    cpt_iters: int = 200
+    sft_iters: int = 600
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    max_seq_length: int = 512
+    replay_ratio: float = 0.2
+    valid_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class EvalGate:
+    min_domain_accuracy: float = 0.5
+    max_leakage_rate: float = 0.2
+    min_retention: float = 0.8
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str = "SolverX Assistant"
+    maker: str = "SolverX"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    base: str = "solverx-tiny"
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalGate = field(default_factory=EvalGate)
+    identity: Identity = field(default_factory=Identity)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for run manifests and the registry."""
+        return dataclasses.asdict(self)
+
+
+# Table name in recipe.toml -> settings class; top-level scalars live on Recipe itself.
+_TABLES: dict[str, type] = {"lora": LoraSettings, "train": TrainSettings, "eval": EvalGate, "identity": Identity}
+_TOP_LEVEL: dict[str, type] = {"base": str, "seed": int}
+
+# (table, key) -> (lowest, highest, whether the lowest is allowed); None means unbounded.
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
+    ("lora", "rank"): (1, 1024, True),
+    ("lora", "scale"): (0.0, None, False),
+    ("lora", "dropout"): (0.0, 1.0, True),
+    ("train", "cpt_iters"): (0, None, True),
+    ("train", "sft_iters"): (0, None, True),
+    ("train", "learning_rate"): (0.0, 1.0, False),
+    ("train", "batch_size"): (1, 4096, True),
+    ("train", "max_seq_length"): (32, 1 << 20, True),
+    ("train", "replay_ratio"): (0.0, 0.95, True),
+    ("train", "valid_fraction"): (0.0, 0.5, True),
+    ("eval", "min_domain_accuracy"): (0.0, 1.0, True),
+    ("eval", "max_leakage_rate"): (0.0, 1.0, True),
+    ("eval", "min_retention"): (0.0, 10.0, True),
+}
+
+
+def load_recipe(path: str | Path, defaults: Recipe | None = None) -> Recipe:
+    """Read a recipe file; values it sets override ``defaults`` (the daemon's defaults, else :class:`Recipe`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    return parse_recipe(text, defaults)
+
+
+def parse_recipe(text: str, defaults: Recipe | None = None) -> Recipe:
+    """Parse recipe TOML; raise :class:`RecipeError` naming every unknown key, wrong type and bad value."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"invalid TOML: {exc}") from None
+
+    base = defaults or Recipe()
+    problems: list[str] = []
+    top: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        if key in _TABLES:
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a table [{key}], got {_type_name(value)}")
+                continue
+            tables[key] = _check_table(key, value, _TABLES[key], problems)
+        elif key in _TOP_LEVEL:
+            if _accepts(_TOP_LEVEL[key], value):
+                top[key] = value
+            else:
+                problems.append(f"{key}: expected {_TOP_LEVEL[key].__name__}, got {_describe(value)}")
+        else:
+            problems.append(f"{key}: unknown key (known: {', '.join([*_TOP_LEVEL, *_TABLES])})")
+
+    if "base" in top and not top["base"].strip():
+        problems.append("base: must not be empty")
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+    return dataclasses.replace(
+        base,
+        **top,
+        **{name: dataclasses.replace(getattr(base, name), **values) for name, values in tables.items()},
+    )
+
+
+def _check_table(table: str, values: dict[str, Any], cls: type, problems: list[str]) -> dict[str, Any]:
+    """The keys of one table that are known, well-typed and in range; everything else is added to ``problems``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    good: dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{table}.{key}"
+        if key not in fields:
+            problems.append(f"{where}: unknown key (known: {', '.join(fields)})")
+            continue
+        expected = _field_type(table, key)
+        if expected is list:
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                problems.append(f"{where}: expected a non-empty list of strings, got {_describe(value)}")
+                continue
+        elif not _accepts(expected, value):
+            problems.append(f"{where}: expected {expected.__name__}, got {_describe(value)}")
+            continue
+        if expected is float:
+            value = float(value)
+        if (bad := _range_problem(table, key, value)) is not None:
+            problems.append(f"{where}: {bad}")
+            continue
+        good[key] = value
+    if table == "lora" and "num_layers" in good and good["num_layers"] != -1 and good["num_layers"] < 1:
+        problems.append("lora.num_layers: must be -1 (every block) or at least 1")
+        good.pop("num_layers")
+    return good
+
+
+def _field_type(table: str, key: str) -> type:
+    if (table, key) == ("lora", "keys"):
+        return list
+    default = getattr(_TABLES[table](), key)
+    return type(default)
+
+
+def _accepts(expected: type, value: Any) -> bool:
+    """TOML type check: bools are not ints, and ints are fine where a float is wanted."""
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, int | float)
+    return isinstance(value, expected)
+
+
+def _range_problem(table: str, key: str, value: Any) -> str | None:
+    low, high, low_inclusive = _RANGES.get((table, key), (None, None, True))
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        return f"must be {'at least' if low_inclusive else 'greater than'} {low}, got {value}"
+    if high is not None and value > high:
+        return f"must be at most {high}, got {value}"
+    return None
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "table", list: "array", str: "string", bool: "boolean"}.get(type(value), type(value).__name__)
+
+
+def _describe(value: Any) -> str:
+    return f"{_type_name(value)} {value!r}"
