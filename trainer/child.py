@@ -1,0 +1,50 @@
+"""The training child process: ``python -m trainer.child --home DIR --adapter NAME --run-id ID``.
+
+Exit codes: 0 trained (promoted or rejected by the gate — see the run log), 3 refused (nothing valid to train),
+1 failed. Whatever happens, the last event in the run log says so; a kill -9 leaves no ``finished`` event, which
+the daemon reports as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from solverx.blas import ensure_openblas
+
+EXIT_REFUSED = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.child")
+    parser.add_argument("--home", required=True)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--no-replay", action="store_true", help="train without general replay data")
+    args = parser.parse_args(argv)
+
+    from trainer.run import RunOptions, RunRefused, run_training
+    from trainer.runlog import RunLog
+
+    log = RunLog(Path(args.home) / "runs" / args.run_id)
+    try:
+        outcome = run_training(Path(args.home), args.adapter, args.run_id, RunOptions(replay=not args.no_replay))
+    except RunRefused as exc:
+        log.write("finished", state="skipped", error=str(exc))
+        return EXIT_REFUSED
+    except BaseException as exc:  # the run log is the user's only window into a failure
+        log.write("finished", state="failed", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+        return 1
+    print(f"run {outcome.run_id}: {outcome.state}, version {outcome.version}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    ensure_openblas()
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip MLX's thread teardown crash (ml-explore/mlx#3126); everything is written

@@ -1,0 +1,250 @@
+"""Evaluate base, promoted and candidate side by side, and decide whether the candidate may be promoted.
+
+Three measures, all at temperature 0 (DESIGN.md §7):
+
+- domain accuracy: held-out questions whose answer must contain one of the expected substrings;
+- general retention: general probes (common-sense answers by substring, Python by *running* the returned code
+  on test inputs in a subprocess), scored for the base too, so forgetting is measured, not hoped about;
+- leakage ("rose-tinted glasses"): the share of off-domain prompts whose answer mentions the domain's terms.
+
+All models run in one engine, concurrently, each request on its own adapter slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from server.engine import AdapterRef, Engine, SamplingParams
+
+CODE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One question; ``expected`` are alternatives (any one, case-insensitive), ``tests`` make it a code probe."""
+
+    question: str
+    expected: tuple[str, ...] = ()
+    function: str | None = None
+    tests: tuple[tuple[list, object], ...] = ()
+    kind: str = "qa"  # qa | code | offdomain
+    forbidden: tuple[str, ...] = ()  # offdomain: terms that must not appear (default: the domain's own terms)
+
+    @classmethod
+    def from_dict(cls, raw: dict, kind: str = "qa") -> Probe:
+        expected = raw.get("expected", raw.get("answer", ()))
+        if isinstance(expected, str):
+            expected = (expected,)
+        tests = tuple((list(t["args"]), t["expect"]) for t in raw.get("tests", ()))
+        kind = raw.get("kind", "code" if tests else kind)
+        forbidden = raw.get("forbidden", ())
+        forbidden = (forbidden,) if isinstance(forbidden, str) else tuple(forbidden)
+        return cls(raw["question"], tuple(expected), raw.get("function"), tests, kind, forbidden)
+
+
+def load_probes(path: Path, kind: str = "qa") -> list[Probe]:
+    """Probes from a JSONL file (one ``{"question", "expected" | "tests" + "function"}`` per line)."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Probe.from_dict(json.loads(line), kind) for line in lines]
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    correct: bool | None  # None for off-domain probes
+    leaked: bool = False
+
+
+@dataclass
+class ModelScores:
+    name: str
+    domain_accuracy: float | None = None
+    retention: float | None = None
+    leakage_rate: float | None = None
+    answers: dict[str, list[Answer]] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    """What the gate decided and why, with every answer — the seed's table, base vs fine-tuned."""
+
+    models: dict[str, ModelScores]
+    domain_terms: list[str]
+    passed: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_domain_accuracy: float = 0.5
+    max_leakage_rate: float = 0.25
+    max_retention_drop: float = 0.15  # candidate retention may trail the base's by at most this much
+
+
+def domain_terms(domain_texts: Iterable[str], general_texts: Iterable[str], limit: int = 20) -> list[str]:
+    """Proper nouns frequent in the domain data and absent from general data: what a leaking answer mentions.
+
+    Only capitalized Latin-script words qualify: Korean attaches endings to words, so ordinary Korean forms look
+    "distinctive" against mostly-English general data. Korean domain terms belong in eval.jsonl leakage items.
+    """
+    word = re.compile(r"[A-Z][A-Za-z0-9-]{3,}")
+    general = {w.lower() for text in general_texts for w in re.findall(r"[A-Za-z][A-Za-z0-9-]+", text)}
+    counts = Counter(w for text in domain_texts for w in word.findall(text) if w.lower() not in general)
+    return [w for w, n in counts.most_common() if n >= 2][:limit]
+
+
+def mentions(answer: str, terms: Iterable[str]) -> bool:
+    lowered = answer.lower()
+    return any(term.lower() in lowered for term in terms)
+
+
+def contains_expected(answer: str, expected: Iterable[str]) -> bool:
+    lowered = answer.lower()
+    return any(e.lower() in lowered for e in expected)
+
+
+_CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
+
+_HARNESS = """
+import json, sys
+namespace = {}
+exec(compile(sys.stdin.read(), "<answer>", "exec"), namespace)
+function = namespace.get(sys.argv[1]) or next(
+    (v for k, v in namespace.items() if callable(v) and not k.startswith("_")), None)
+tests = json.loads(sys.argv[2])
+ok = function is not None and all(function(*args) == expect for args, expect in tests)
+print("PASS" if ok else "FAIL")
+"""
+
+
+def run_code_probe(answer: str, probe: Probe) -> bool:
+    """Run the answer's code on the probe's tests in a separate, isolated Python with a timeout."""
+    blocks = _CODE_BLOCK.findall(answer)
+    code = blocks[0] if blocks else answer
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", _HARNESS, probe.function or "", json.dumps(probe.tests)],
+                input=code,
+                capture_output=True,
+                text=True,
+                timeout=CODE_TIMEOUT_S,
+                cwd=scratch,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+    return done.stdout.strip().endswith("PASS")
+
+
+async def _ask(engine: Engine, question: str, adapter: AdapterRef | None, max_tokens: int) -> str:
+    tokens = engine.encode_chat([{"role": "user", "content": question}])
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return "".join([delta.text async for delta in engine.generate(tokens, params, adapter)])
+
+
+async def _score_model(
+    engine: Engine,
+    name: str,
+    adapter: AdapterRef | None,
+    probe_sets: dict[str, list[Probe]],
+    terms: list[str],
+    max_tokens: int,
+) -> ModelScores:
+    scores = ModelScores(name=name)
+    for set_name, probes in probe_sets.items():
+        answers = await asyncio.gather(*[_ask(engine, p.question, adapter, max_tokens) for p in probes])
+        scored = []
+        for probe, answer in zip(probes, answers, strict=True):
+            if probe.kind == "offdomain":
+                leaked = mentions(answer, probe.forbidden or terms)
+                scored.append(Answer(probe.question, answer, None, leaked=leaked))
+            elif probe.kind == "code":
+                scored.append(Answer(probe.question, answer, run_code_probe(answer, probe)))
+            else:
+                scored.append(Answer(probe.question, answer, contains_expected(answer, probe.expected)))
+        scores.answers[set_name] = scored
+
+    def rate(set_names: Iterable[str], attr: str) -> float | None:
+        items = [a for s in set_names for a in scores.answers.get(s, [])]
+        return sum(bool(getattr(a, attr)) for a in items) / len(items) if items else None
+
+    scores.domain_accuracy = rate(["domain"], "correct")
+    scores.retention = rate([s for s in probe_sets if s not in ("domain", "offdomain")], "correct")
+    scores.leakage_rate = rate(["offdomain"], "leaked")
+    return scores
+
+
+def evaluate_models(
+    engine: Engine,
+    models: dict[str, AdapterRef | None],
+    probe_sets: dict[str, list[Probe]],
+    terms: list[str],
+    max_tokens: int = 64,
+) -> dict[str, ModelScores]:
+    """Score every named model (``None`` = the base) on every probe set, concurrently."""
+
+    async def run_all() -> list[ModelScores]:
+        return await asyncio.gather(
+            *[_score_model(engine, n, a, probe_sets, terms, max_tokens) for n, a in models.items()]
+        )
+
+    return {scores.name: scores for scores in asyncio.run(run_all())}
+
+
+def gate(report: EvalReport, candidate: str, thresholds: Thresholds, base: str = "base") -> EvalReport:
+    """Fill in ``passed`` and ``reasons``: the candidate must know the domain, keep general skills, not leak."""
+    cand, ref = report.models[candidate], report.models[base]
+    reasons = []
+    if cand.domain_accuracy is not None and cand.domain_accuracy < thresholds.min_domain_accuracy:
+        reasons.append(f"domain accuracy {cand.domain_accuracy:.0%} < {thresholds.min_domain_accuracy:.0%}")
+    if cand.leakage_rate is not None and cand.leakage_rate > thresholds.max_leakage_rate:
+        reasons.append(f"leakage {cand.leakage_rate:.0%} > {thresholds.max_leakage_rate:.0%}")
+    if (
+        cand.retention is not None
+        and ref.retention is not None
+        and cand.retention < ref.retention - thresholds.max_retention_drop
+    ):
+        reasons.append(
+            f"general retention {cand.retention:.0%} fell more than {thresholds.max_retention_drop:.0%} "
+            f"below the base's {ref.retention:.0%}"
+        )
+    report.passed = not reasons
+    report.reasons = reasons
+    return report
+
+
+def report_markdown(report: EvalReport, candidate: str, base: str = "base") -> str:
+    """The seed's table — question | base | fine-tuned — and the three rates for every model."""
+
+    def cell(text: str) -> str:
+        return text.strip().replace("|", "\\|").replace("\n", " ")[:160] or "(empty)"
+
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{value:.0%}"
+
+    lines = [f"# Evaluation: {candidate}", "", f"**Gate: {'passed' if report.passed else 'failed'}**"]
+    lines += [f"- {reason}" for reason in report.reasons]
+    lines += ["", "| model | domain accuracy | general retention | leakage |", "|---|---|---|---|"]
+    for name, scores in report.models.items():
+        lines.append(
+            f"| {name} | {pct(scores.domain_accuracy)} | {pct(scores.retention)} | {pct(scores.leakage_rate)} |"
+        )
+    base_scores, cand_scores = report.models[base], report.models[candidate]
+    for set_name, answers in cand_scores.answers.items():
+        lines += ["", f"## {set_name}", "", f"| question | {base} | {candidate} |", "|---|---|---|"]
+        for ours, theirs in zip(answers, base_scores.answers.get(set_name, []), strict=False):
+            lines.append(f"| {cell(ours.question)} | {cell(theirs.answer)} | {cell(ours.answer)} |")
+    return "\n".join(lines) + "\n"

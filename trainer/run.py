@@ -1,0 +1,300 @@
+"""One training run, start to finish: snapshot → ingest → CPT → SFT (resumed from CPT) → eval → gate → register.
+
+It runs in a child process (see :mod:`trainer.child`), so a crash, an OOM or mlx-lm's global patching never
+touches serving. Everything it produces goes into its run directory first; the registry only sees complete,
+validated adapter versions, so killing the run at any moment leaves the previous version serving.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from adapters.errors import AdapterError
+from adapters.registry import Registry, VersionInfo
+from server.engine import AdapterRef, Engine, EngineConfig
+from solverx.paths import DATA_DIR, StateDirs, state_dirs
+from trainer.datasets import mixed_batches, stage_datasets
+from trainer.evaluate import (
+    EvalReport,
+    Probe,
+    Thresholds,
+    domain_terms,
+    evaluate_models,
+    gate,
+    load_probes,
+    report_markdown,
+)
+from trainer.inbox import InboxChanged, copy_snapshot, snapshot
+from trainer.recipe import Recipe
+from trainer.runlog import RunLog
+from trainer.train import LoRASettings, Progress, StageResult, StageSettings, train_stage
+from trainer.validate import IngestResult, format_ingest_report, ingest, quarantine_dir_for
+
+GENERAL_DIR = DATA_DIR / "general"
+PROBES_DIR = DATA_DIR / "probes"
+CANDIDATE = "candidate"
+
+
+class RunRefused(RuntimeError):
+    """The run cannot train (bad recipe, no data, missing base); the message says why."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Knobs beyond the recipe, for tests and the demo's ablations."""
+
+    replay: bool = True  # False: train without general replay data (the ablation)
+    stages: tuple[str, ...] = ("cpt", "sft")
+    register: bool = True
+    eval_max_tokens: int = 48
+    probes_dir: Path = PROBES_DIR
+    general_dir: Path = GENERAL_DIR
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    state: str  # succeeded | rejected | skipped
+    version: int | None
+    report: EvalReport | None
+    stages: list[StageResult]
+    data_hash: str
+
+
+def new_run_id(adapter: str) -> str:
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}-{adapter}"
+
+
+def last_trained_hash(registry: Registry, adapter: str) -> str | None:
+    """The inbox content hash the newest version was trained from (None: never trained)."""
+    try:
+        versions = registry.versions(adapter)
+    except AdapterError:  # an unknown adapter has no history
+        return None
+    return versions[-1].data_hash if versions else None
+
+
+def run_training(
+    home: Path | StateDirs,
+    adapter: str,
+    run_id: str | None = None,
+    options: RunOptions | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunOutcome:
+    """Train ``adapter`` from its inbox; raise :class:`RunRefused` when there is nothing valid to train."""
+    dirs = home if isinstance(home, StateDirs) else state_dirs(home)
+    options = options or RunOptions()
+    run_id = run_id or new_run_id(adapter)
+    run_dir = dirs.runs / run_id
+    log = RunLog(run_dir)
+    log.write("started", adapter=adapter, run_id=run_id)
+
+    snap = snapshot(dirs.inbox / adapter)
+    try:
+        copy_snapshot(snap, dirs.inbox / adapter, run_dir / "inbox")
+    except InboxChanged as exc:
+        raise RunRefused(f"the inbox is still changing ({exc}); it will be picked up once it settles") from exc
+    result = ingest(snap, run_dir / "inbox", quarantine_dir_for(dirs.quarantine, adapter, run_id))
+    log.write(
+        "ingested",
+        snapshot=snap.content_hash,
+        report=format_ingest_report(result),
+        quarantined=[{"path": q.path, "reason": q.reason, "partial": q.partial} for q in result.quarantined],
+    )
+    if not result.ok:
+        raise RunRefused(result.refusal)
+    recipe = result.recipe or Recipe()
+    base_dir = _base_dir(dirs, recipe.base)
+    registry = Registry(dirs.adapters)
+
+    stages: list[StageResult] = []
+    previous: Path | None = None
+    cpt_version: VersionInfo | None = None
+    for stage in options.stages:
+        iters = recipe.train.cpt_iters if stage == "cpt" else recipe.train.sft_iters
+        has_data = result.cpt_texts if stage == "cpt" else (result.sft_records or recipe.identity.name)
+        if iters <= 0 or not has_data:
+            log.write("stage_skipped", stage=stage, reason="no data" if not has_data else "0 iterations")
+            continue
+        log.write("stage", stage=stage, iters=iters)
+        stage_result = _train(stage, base_dir, run_dir, result, recipe, options, previous, log, on_progress)
+        stages.append(stage_result)
+        previous = stage_result.adapter_dir
+        if stage == "cpt" and options.register and "sft" in options.stages:
+            cpt_version = registry.register(
+                previous, adapter, base_id=recipe.base, base_dir=base_dir, stage="cpt",
+                data_hash=snap.content_hash, recipe=recipe.to_dict(), status="candidate",
+            )  # fmt: skip
+            log.write("registered", stage="cpt", version=cpt_version.version)
+    if previous is None:
+        raise RunRefused("nothing to train: no stage had both data and iterations")
+
+    report = evaluate_candidate(base_dir, recipe.base, previous, registry, adapter, result, recipe, options)
+    (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    (run_dir / "report.md").write_text(report_markdown(report, CANDIDATE))
+    _save_loss_chart(stages, run_dir / "loss.png")
+    log.write("evaluated", passed=report.passed, reasons=report.reasons, scores=_rates(report))
+
+    version = None
+    if options.register:
+        info = registry.register(
+            previous, adapter, base_id=recipe.base, base_dir=base_dir,
+            stage=stages[-1].stage, parent=cpt_version.version if cpt_version and stages[-1].stage == "sft" else None,
+            data_hash=snap.content_hash, recipe=recipe.to_dict(), eval_report=_compact(report),
+            status="candidate" if report.passed else "rejected", promote=report.passed,
+        )  # fmt: skip
+        version = info.version
+    state = "succeeded" if report.passed else "rejected"
+    log.write("finished", state=state, version=version, reasons=report.reasons)
+    return RunOutcome(run_id, state, version, report, stages, snap.content_hash)
+
+
+def _base_dir(dirs: StateDirs, base_id: str) -> Path:
+    base_dir = dirs.model(base_id)
+    if not (base_dir / "config.json").exists():
+        from solverx.tiny import TINY_BASE_ID, ensure_tiny
+
+        if base_id != TINY_BASE_ID:
+            raise RunRefused(f"base model {base_id!r} is not installed in {dirs.models}")
+        ensure_tiny(dirs.models)
+    return base_dir
+
+
+def _train(
+    stage: str,
+    base_dir: Path,
+    run_dir: Path,
+    result: IngestResult,
+    recipe: Recipe,
+    options: RunOptions,
+    resume_from: Path | None,
+    log: RunLog,
+    on_progress: Callable[[Progress], None] | None,
+) -> StageResult:
+    from mlx_lm import load
+
+    model, tokenizer = load(str(base_dir))
+    data = stage_datasets(stage, result, tokenizer, recipe, options.general_dir if options.replay else None)
+    for note in data.notes:
+        log.write("note", stage=stage, message=note)
+
+    def progress(p: Progress) -> None:
+        log.write("progress", **asdict(p))
+        if on_progress is not None:
+            on_progress(p)
+
+    lora = LoRASettings(
+        rank=recipe.lora.rank,
+        scale=recipe.lora.scale,
+        dropout=recipe.lora.dropout,
+        num_layers=recipe.lora.num_layers,
+        **({"keys": tuple(recipe.lora.keys)} if recipe.lora.keys else {}),
+    )
+    settings = StageSettings(
+        iters=recipe.train.cpt_iters if stage == "cpt" else recipe.train.sft_iters,
+        batch_size=recipe.train.batch_size,
+        learning_rate=recipe.train.learning_rate,
+        max_seq_length=recipe.train.max_seq_length,
+        seed=recipe.seed,
+    )
+    valid = data.valid if len(data.valid) >= settings.batch_size else None
+    return train_stage(
+        model, stage, run_dir / stage, data.train, valid, lora, settings,
+        resume_from=resume_from, batches=mixed_batches, on_progress=progress,
+    )  # fmt: skip
+
+
+def probe_sets(result: IngestResult, probes_dir: Path) -> dict[str, list[Probe]]:
+    """Domain questions from the inbox's eval.jsonl; general and off-domain probes shipped in data/probes."""
+    sets: dict[str, list[Probe]] = {"domain": [], "retention": [], "offdomain": []}
+    for item in result.eval_items:
+        kind = {"domain": "qa", "retention": "qa", "leakage": "offdomain"}[item.kind]
+        target = {"domain": "domain", "retention": "retention", "leakage": "offdomain"}[item.kind]
+        sets[target].append(Probe(item.question, tuple(item.expected), kind=kind, forbidden=tuple(item.forbidden)))
+    for name, kind in (("general_qa", "qa"), ("python", "code"), ("offdomain", "offdomain")):
+        path = probes_dir / f"{name}.jsonl"
+        if path.exists():
+            sets.setdefault("offdomain" if kind == "offdomain" else name, []).extend(load_probes(path, kind))
+    return {name: probes for name, probes in sets.items() if probes}
+
+
+def evaluate_candidate(
+    base_dir: Path,
+    base_id: str,
+    candidate_dir: Path,
+    registry: Registry,
+    adapter: str,
+    result: IngestResult,
+    recipe: Recipe,
+    options: RunOptions,
+) -> EvalReport:
+    """Base, the promoted version (if any) and the candidate on the same probes, in one engine."""
+    models: dict[str, AdapterRef | None] = {"base": None}
+    promoted = registry.promoted(adapter) if adapter in registry.names() else None
+    if promoted is not None and promoted.base_id == base_id:
+        models[f"{adapter}@{promoted.version}"] = AdapterRef(promoted.model_name, promoted.path)
+    models[CANDIDATE] = AdapterRef(f"{CANDIDATE}:{candidate_dir}", candidate_dir)
+    sets = probe_sets(result, options.probes_dir)
+    domain_texts = [d.text for d in result.cpt_texts] + [
+        m["content"] for r in result.sft_records for m in r.messages if m["role"] == "assistant"
+    ]
+    general_texts = [p.read_text(encoding="utf-8", errors="replace") for p in options.general_dir.rglob("*.*")]
+    terms = domain_terms(domain_texts, general_texts)
+    engine = Engine(base_dir, base_id, EngineConfig(max_resident_adapters=len(models))).start()
+    try:
+        scores = evaluate_models(engine, models, sets, terms, max_tokens=options.eval_max_tokens)
+    finally:
+        engine.stop()
+    thresholds = Thresholds(
+        min_domain_accuracy=recipe.eval.min_domain_accuracy,
+        max_leakage_rate=recipe.eval.max_leakage_rate,
+        max_retention_drop=max(0.0, 1.0 - recipe.eval.min_retention),
+    )
+    return gate(EvalReport(models=scores, domain_terms=terms), CANDIDATE, thresholds)
+
+
+def _rates(report: EvalReport) -> dict[str, dict]:
+    return {
+        name: {"domain_accuracy": s.domain_accuracy, "retention": s.retention, "leakage_rate": s.leakage_rate}
+        for name, s in report.models.items()
+    }
+
+
+def _compact(report: EvalReport) -> dict:
+    """The eval report kept in the registry: rates, verdict and the question | base | fine-tuned table."""
+    table = []
+    base, cand = report.models["base"], report.models[CANDIDATE]
+    for set_name, answers in cand.answers.items():
+        for ours, theirs in zip(answers, base.answers.get(set_name, []), strict=False):
+            table.append({"set": set_name, "question": ours.question, "base": theirs.answer, "fine_tuned": ours.answer})
+    return {"passed": report.passed, "reasons": report.reasons, "rates": _rates(report), "table": table}
+
+
+def _save_loss_chart(stages: list[StageResult], path: Path) -> None:
+    """Loss per step for each stage, as a PNG for the report and the dashboard."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    offset = 0
+    for stage in stages:
+        if stage.losses:
+            steps, losses = zip(*stage.losses, strict=True)
+            ax.plot([offset + s for s in steps], losses, marker=".", label=f"{stage.stage} train")
+        if stage.val_losses:
+            steps, losses = zip(*stage.val_losses, strict=True)
+            ax.plot([offset + s for s in steps], losses, linestyle="--", label=f"{stage.stage} valid (replay)")
+        offset += stage.steps
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""When training runs: a queue drained by one APScheduler job, fed by the inbox watcher, a cron schedule and requests.
+
+Lives in the serve process (started in the Starlette lifespan). Each run is a child process (``trainer.child``);
+at most one runs at a time (the job has ``max_instances=1, coalesce=True``). The daemon only spawns, watches and
+cancels; the run's own log says what happened, so the daemon can be restarted mid-run without losing history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from adapters.names import validate_name
+from adapters.registry import Registry
+from solverx.blas import preload_env
+from solverx.paths import REPO_ROOT, StateDirs
+from trainer.inbox import InboxWatcher, list_adapters, snapshot
+from trainer.run import last_trained_hash, new_run_id
+from trainer.runlog import RunLog, RunSummary, read_events, summarize
+
+log = logging.getLogger("solverx.trainer")
+
+CHILD_OUTPUT = "child.log"
+QUEUE_JOB = "training-queue"
+SCHEDULE_JOB = "training-schedule"
+
+
+@dataclass
+class Queued:
+    adapter: str
+    reason: str
+    run_id: str
+    no_replay: bool = False
+
+
+@dataclass
+class TrainingManager:
+    """Queue, run (one at a time, in a child) and cancel training runs; report their state."""
+
+    dirs: StateDirs
+    registry: Registry
+    debounce_s: float = 10.0
+    rescan_s: float = 60.0
+    schedule: str | None = None  # a 5-field crontab: train every changed inbox at those times
+    watch: bool = True
+    _queue: deque[Queued] = field(default_factory=deque, init=False)
+    _running: tuple[Queued, asyncio.subprocess.Process] | None = field(default=None, init=False)
+    _cancelled: set[str] = field(default_factory=set, init=False)
+    _scheduler: AsyncIOScheduler | None = field(default=None, init=False)
+    _watcher: InboxWatcher | None = field(default=None, init=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
+
+    async def start(self) -> TrainingManager:
+        self._loop = asyncio.get_running_loop()
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(self._drain, IntervalTrigger(seconds=5), id=QUEUE_JOB, max_instances=1, coalesce=True)
+        if self.schedule:
+            self._scheduler.add_job(
+                self._scheduled,
+                CronTrigger.from_crontab(self.schedule),
+                id=SCHEDULE_JOB,
+                max_instances=1,
+                coalesce=True,
+            )
+        self._scheduler.start()
+        if self.watch:
+            self._watcher = InboxWatcher(
+                self.dirs.inbox,
+                on_ready=self._on_inbox_ready,
+                last_hash=self.last_hash,
+                debounce_s=self.debounce_s,
+                rescan_s=self.rescan_s,
+            ).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.stop)
+        if self._running is not None:
+            await self.cancel(self._running[0].run_id)
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def request(self, adapter: str, reason: str = "manual", no_replay: bool = False) -> Queued:
+        """Queue a run for ``adapter`` unless one is already queued; returns the queued (or existing) entry."""
+        validate_name(adapter)
+        for entry in self._queue:
+            if entry.adapter == adapter:
+                return entry
+        entry = Queued(adapter, reason, new_run_id(adapter), no_replay)
+        self._queue.append(entry)
+        RunLog(self.dirs.runs / entry.run_id).write("queued", adapter=adapter, reason=reason)
+        self._wake()
+        return entry
+
+    async def cancel(self, run_id: str) -> bool:
+        """Stop a queued or running run; the previous version keeps serving."""
+        for entry in list(self._queue):
+            if entry.run_id == run_id:
+                self._queue.remove(entry)
+                RunLog(self.dirs.runs / run_id).write("finished", state="cancelled")
+                return True
+        if self._running is not None and self._running[0].run_id == run_id:
+            self._cancelled.add(run_id)
+            process = self._running[1]
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=10)
+            except TimeoutError:
+                process.kill()
+            return True
+        return False
+
+    @property
+    def queued(self) -> list[Queued]:
+        return list(self._queue)
+
+    def runs(self, limit: int = 20) -> list[RunSummary]:
+        """Newest first: queued, running and finished runs."""
+        dirs = sorted((p for p in self.dirs.runs.glob("*") if p.is_dir()), reverse=True)[:limit]
+        summaries = [summarize(d) for d in dirs]
+        running = self._running[0].run_id if self._running else None
+        for s in summaries:
+            if s.state == "running" and s.run_id != running:
+                s.state, s.error = "failed", s.error or "the training process ended without finishing"
+        return summaries
+
+    def last_hash(self, adapter: str) -> str | None:
+        """The inbox content hash of the last run attempted for ``adapter``: an unchanged inbox never retrains."""
+        for run_dir in sorted(self.dirs.runs.glob(f"*-{adapter}"), reverse=True):
+            for event in read_events(run_dir):
+                if event["event"] == "ingested":
+                    return event["snapshot"]
+        return last_trained_hash(self.registry, adapter)
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _on_inbox_ready(self, adapter: str) -> None:
+        """Called on the watcher's thread; hand over to the event loop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.request, adapter, "inbox changed")
+
+    async def _scheduled(self) -> None:
+        for adapter in list_adapters(self.dirs.inbox):
+            if snapshot(self.dirs.inbox / adapter).content_hash != self.last_hash(adapter):
+                self.request(adapter, "schedule")
+
+    def _wake(self) -> None:
+        if self._scheduler is not None and self._scheduler.running:
+            job = self._scheduler.get_job(QUEUE_JOB)
+            if job is not None:
+                job.modify(next_run_time=datetime.now(job.next_run_time.tzinfo) + timedelta(milliseconds=10))
+
+    async def _drain(self) -> None:
+        while self._queue:
+            entry = self._queue.popleft()
+            await self._run_child(entry)
+
+    async def _run_child(self, entry: Queued) -> None:
+        args = ["--home", str(self.dirs.root), "--adapter", entry.adapter, "--run-id", entry.run_id]
+        if entry.no_replay:
+            args.append("--no-replay")
+        log.info("training %s (%s), run %s", entry.adapter, entry.reason, entry.run_id)
+        output_path = self.dirs.runs / entry.run_id / CHILD_OUTPUT
+        with output_path.open("ab") as output:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "trainer.child", *args,
+                cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        self._running = (entry, process)
+        try:
+            await process.wait()
+        finally:
+            self._running = None
+        if entry.run_id in self._cancelled:
+            self._cancelled.discard(entry.run_id)
+            RunLog(self.dirs.runs / entry.run_id).write("finished", state="cancelled")
+        elif process.returncode not in (0, 3) and summarize(self.dirs.runs / entry.run_id).finished is None:
+            tail = output_path.read_text(errors="replace")[-2000:]
+            RunLog(self.dirs.runs / entry.run_id).write(
+                "finished", state="failed", error=f"training process exited with {process.returncode}", trace=tail
+            )
+        log.info("run %s: %s", entry.run_id, summarize(self.dirs.runs / entry.run_id).state)
