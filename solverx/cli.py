@@ -20,10 +20,11 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _user_facing_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is the whole story for the user: printed without a traceback."""
+    from adapters.errors import AdapterError
     from launchd.control import ServiceError
     from solverx.config import ConfigError
 
-    return (ConfigError, ServiceError)
+    return (ConfigError, ServiceError, AdapterError)
 
 
 def _settings(args: argparse.Namespace):
@@ -76,6 +77,24 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    from solverx.commands import adapters_command
+
+    return adapters_command(args, _settings(args)[0])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from solverx.commands import train_command
+
+    return train_command(args, _settings(args)[0])
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from solverx.commands import status_command
+
+    return status_command(args, _settings(args)[0])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="solverx",
@@ -95,13 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_cmd_config_show)
 
     service = commands.add_parser("service", help="install and control the background service")
-    service.add_argument(
-        "action", choices=["install", "uninstall", "start", "stop", "restart", "status", "logs"]
-    )
+    service.add_argument("action", choices=["install", "uninstall", "start", "stop", "restart", "status", "logs"])
     service.add_argument("--lines", type=int, default=100, help="logs: how many lines to show")
     service.add_argument("--follow", "-f", action="store_true", help="logs: keep following")
     add_arguments(service)
     service.set_defaults(handler=_cmd_service)
+
+    from solverx.commands import add_adapters_parser
+
+    add_adapters_parser(commands, add_arguments)
+    commands.choices["adapters"].set_defaults(handler=_cmd_adapters)
+
+    train = commands.add_parser("train", help="train an adapter from its inbox folder")
+    train.add_argument("adapter")
+    train.add_argument("--now", action="store_true", help="run here in the foreground with a progress bar")
+    train.add_argument("--no-replay", action="store_true", help="train without general replay data (ablation)")
+    add_arguments(train)
+    train.set_defaults(handler=_cmd_train)
+
+    status = commands.add_parser("status", help="what the daemon serves and trains")
+    add_arguments(status)
+    status.set_defaults(handler=_cmd_status)
 
     tiny = commands.add_parser("build-tiny", help="build the tiny offline base model (solverx-tiny)")
     tiny.add_argument("--home", help="state directory")

@@ -1,0 +1,232 @@
+"""The CLI's adapter, training and status commands.
+
+Adapter commands work on the registry directly (the daemon notices every change within a request, since it
+reads the registry's generation counter); ``train`` and ``status`` talk to the running daemon when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from solverx.config import Settings
+
+
+def _registry(settings: Settings):
+    from adapters.registry import Registry
+    from solverx.paths import state_dirs
+
+    return Registry(state_dirs(settings.home).adapters)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _version_line(info) -> str:
+    parent = f" parent={info.parent}" if info.parent else ""
+    return f"  {info.model_name:<24} {info.status:<10} {info.stage:<8} rank={info.rank} base={info.base_id}{parent}"
+
+
+def adapters_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``solverx adapters list|show|register|promote|rollback|remove``."""
+    from adapters.names import parse_model_name
+
+    registry = _registry(settings)
+    action = args.adapters_action
+    if action == "list":
+        data = {name: [asdict(v) for v in registry.versions(name)] for name in registry.names()}
+        if args.json:
+            _print_json(data)
+        elif not data:
+            print("no adapters registered")
+        for name in registry.names() if not args.json else ():
+            print(name)
+            for info in registry.versions(name):
+                print(_version_line(info))
+        return 0
+    name, version = parse_model_name(args.name)
+    if action == "show":
+        versions = [registry.resolve(name, version)] if version else registry.versions(name)
+        if args.json:
+            _print_json([asdict(v) for v in versions])
+        else:
+            for info in versions:
+                print(_version_line(info))
+                report = (info.eval_report or {}).get("rates")
+                if report:
+                    print(f"    eval: {json.dumps(report)}")
+        return 0
+    if action == "register":
+        from solverx.paths import state_dirs
+
+        base = args.base or settings.default_model
+        info = registry.register(
+            Path(args.path), name, base_id=base, base_dir=state_dirs(settings.home).model(base), promote=args.promote
+        )
+    elif action == "promote":
+        info = registry.promote(name, version or args.version)
+    elif action == "rollback":
+        info = registry.rollback(name, args.version)
+    elif action == "remove":
+        registry.remove(name, version)
+        print(f"removed {args.name}")
+        return 0
+    else:  # pragma: no cover - argparse restricts the choices
+        raise AssertionError(action)
+    _print_json(asdict(info)) if args.json else print(_version_line(info))
+    return 0
+
+
+def add_adapters_parser(commands, add_settings) -> None:
+    parser = commands.add_parser("adapters", help="list, inspect, register, promote, roll back, remove adapters")
+    actions = parser.add_subparsers(dest="adapters_action", required=True, metavar="ACTION")
+    for action, help_text in (
+        ("list", "every adapter and its versions"),
+        ("show", "one adapter's versions, lineage and eval results (NAME or NAME@N)"),
+        ("register", "register an adapter directory (adapter_config.json + adapters.safetensors) as a new version"),
+        ("promote", "serve version N of NAME (NAME@N, or NAME --version N)"),
+        ("rollback", "go back to the previously promoted version (or --version N)"),
+        ("remove", "remove NAME (every version) or NAME@N"),
+    ):
+        sub = actions.add_parser(action, help=help_text)
+        if action != "list":
+            sub.add_argument("name")
+        if action == "register":
+            sub.add_argument("path", help="the adapter directory")
+            sub.add_argument("--base", help="base model id (default: the default model)")
+            sub.add_argument("--no-promote", dest="promote", action="store_false", help="keep it a candidate")
+        if action in ("promote", "rollback"):
+            sub.add_argument("--version", type=int)
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        add_settings(sub)
+
+
+def _daemon_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _daemon(settings: Settings, method: str, path: str, **kwargs) -> Any | None:
+    """A JSON answer from the running daemon, or None when none is listening."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    try:
+        response = httpx.request(method, _daemon_url(settings) + path, headers=headers, timeout=10, **kwargs)
+    except httpx.TransportError:
+        return None
+    if response.status_code >= 400:
+        message = response.json().get("error", {}).get("message", response.text)
+        raise SystemExit(f"solverx: the daemon refused: {message}")
+    return response.json()
+
+
+def train_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Queue a run on the daemon, or with ``--now`` run it here, in the foreground, with a progress bar."""
+    if not args.now:
+        queued = _daemon(settings, "POST", "/v1/training", json={"adapter": args.adapter})
+        if queued is None:
+            print(
+                f"solverx: no daemon at {_daemon_url(settings)}; run it here with: solverx train {args.adapter} --now"
+            )
+            return 1
+        print(f"queued run {queued['run_id']}; follow it with: solverx status")
+        return 0
+    return _train_foreground(args.adapter, settings, no_replay=args.no_replay)
+
+
+def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False) -> int:
+    """The same child process the daemon would start, its run log rendered as progress bars."""
+    import subprocess
+
+    from tqdm import tqdm
+
+    from solverx.blas import preload_env
+    from solverx.paths import REPO_ROOT, state_dirs
+    from trainer.run import new_run_id
+    from trainer.runlog import read_events
+
+    dirs = state_dirs(settings.home)
+    if not (dirs.inbox / adapter).is_dir():
+        print(f"solverx: no inbox folder {dirs.inbox / adapter}: put knowledge files there first", file=sys.stderr)
+        return 2
+    run_id = new_run_id(adapter)
+    run_dir = dirs.runs / run_id
+    run_dir.mkdir(parents=True)
+    command = [sys.executable, "-m", "trainer.child", "--home", str(dirs.root), "--adapter", adapter]
+    command += ["--run-id", run_id, *(["--no-replay"] if no_replay else [])]
+    with (run_dir / "child.log").open("ab") as output:
+        child = subprocess.Popen(command, cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
+    seen, bar, finished = 0, None, None
+    try:
+        while True:
+            done = child.poll() is not None
+            for event in list(read_events(run_dir, seen)):
+                seen += 1
+                kind = event["event"]
+                if kind == "ingested":
+                    print(event["report"])
+                elif kind == "stage":
+                    bar = tqdm(total=event["iters"], desc=event["stage"], unit="step")
+                elif kind == "progress" and bar is not None:
+                    bar.update(event["step"] - bar.n)
+                    bar.set_postfix(loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_second']:.0f}")
+                elif kind == "evaluated":
+                    if bar is not None:
+                        bar.close()
+                    print(f"eval: {json.dumps(event['scores'])}")
+                elif kind == "finished":
+                    finished = event
+            if done:
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        print("cancelled; the previous version keeps serving", file=sys.stderr)
+        return 130
+    if finished is None:
+        print(f"solverx: training failed; see {run_dir / 'child.log'}", file=sys.stderr)
+        return 1
+    state = finished["state"]
+    detail = finished.get("error") or "; ".join(finished.get("reasons", []))
+    version = f" as {adapter}@{finished['version']}" if finished.get("version") else ""
+    print(f"run {run_id}: {state}{version}{': ' + detail if detail else ''}")
+    print(f"report: {run_dir / 'report.md'}")
+    return 0 if state in ("succeeded", "rejected") else 1
+
+
+def status_command(args: argparse.Namespace, settings: Settings) -> int:
+    """What the daemon serves and trains, or what is on disk when it is not running."""
+    health = _daemon(settings, "GET", "/health")
+    if health is None:
+        print(f"daemon: not running at {_daemon_url(settings)}")
+    else:
+        print(f"daemon: running at {_daemon_url(settings)}, up {health.get('uptime_s', 0):.0f} s")
+        print(f"  bases: {', '.join(health.get('models', []))}; running {health.get('running')}, "
+              f"waiting {health.get('waiting')}")  # fmt: skip
+    registry = _registry(settings)
+    for name in registry.names():
+        promoted = registry.promoted(name)
+        print(f"adapter {name}: promoted {promoted.model_name if promoted else '(none)'}")
+    training = _daemon(settings, "GET", "/v1/training") if health is not None else None
+    runs = training["data"] if training else _local_runs(settings)
+    for run in runs[:5]:
+        progress = run.get("progress") or {}
+        step = f" {progress.get('stage')} {progress.get('step')}/{progress.get('total')}" if progress else ""
+        print(f"run {run['run_id']}: {run['state']}{step}{' — ' + run['error'] if run.get('error') else ''}")
+    return 0
+
+
+def _local_runs(settings: Settings) -> list[dict]:
+    from solverx.paths import state_dirs
+    from trainer.runlog import summarize
+
+    runs = sorted((p for p in state_dirs(settings.home).runs.glob("*") if p.is_dir()), reverse=True)
+    return [asdict(summarize(p)) for p in runs[:5]]
