@@ -172,9 +172,7 @@ def test_relative_paths_in_the_file_are_relative_to_the_file(tmp_path: Path) -> 
         (("--host", ""), {}, "--host: expected a non-empty string, got ''"),
     ],
 )
-def test_bad_values_name_the_setting_and_source(
-    argv: tuple[str, ...], env: dict[str, str], message: str
-) -> None:
+def test_bad_values_name_the_setting_and_source(argv: tuple[str, ...], env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(parse(*argv), env=env)
     assert message in str(error.value)

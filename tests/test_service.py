@@ -116,9 +116,7 @@ def test_plist_round_trips_with_every_key_and_type(spec: ServiceSpec) -> None:
     assert env["PATH"].split(":")[0] == os.path.dirname(spec.program_arguments[0])
 
 
-def test_program_arguments_are_absolute_without_tilde(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_program_arguments_are_absolute_without_tilde(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     spec = build_spec("~/solverx-state", platform="darwin")
     args = plistlib.loads(render_plist(spec))["ProgramArguments"]
@@ -178,9 +176,7 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     runtime.mkdir(mode=0o700)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
 
-    result = subprocess.run(
-        ["systemd-analyze", "--user", "verify", str(unit)], capture_output=True, text=True, env=env
-    )
+    result = subprocess.run(["systemd-analyze", "--user", "verify", str(unit)], capture_output=True, text=True, env=env)
     if "Failed to initialize manager" in result.stderr:  # no user manager possible here: verify offline
         result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
 
@@ -198,9 +194,7 @@ def test_checked_in_examples_are_current(platform: str) -> None:
 # --- service commands against stand-in launchctl / systemctl ---
 
 
-def test_macos_commands_issue_expected_launchctl_calls(
-    standins: StandIns, spec: ServiceSpec, tmp_path: Path
-) -> None:
+def test_macos_commands_issue_expected_launchctl_calls(standins: StandIns, spec: ServiceSpec, tmp_path: Path) -> None:
     host = Host(platform="darwin", unit_dir=tmp_path / "LaunchAgents", uid=501)
     plist = host.unit_dir / f"{LABEL}.plist"
     target = f"gui/501/{LABEL}"
@@ -236,9 +230,7 @@ def test_macos_commands_issue_expected_launchctl_calls(
     assert not plist.exists()
 
 
-def test_macos_start_after_stop_bootstraps_again(
-    standins: StandIns, spec: ServiceSpec, tmp_path: Path
-) -> None:
+def test_macos_start_after_stop_bootstraps_again(standins: StandIns, spec: ServiceSpec, tmp_path: Path) -> None:
     host = Host(platform="darwin", unit_dir=tmp_path / "LaunchAgents", uid=501)
     standins.respond("launchctl", "print", rc=113)
     control.install(spec, host)
@@ -254,9 +246,7 @@ def test_macos_start_after_stop_bootstraps_again(
     assert not control.status(spec, host).running
 
 
-def test_linux_commands_issue_expected_systemctl_calls(
-    standins: StandIns, spec: ServiceSpec, tmp_path: Path
-) -> None:
+def test_linux_commands_issue_expected_systemctl_calls(standins: StandIns, spec: ServiceSpec, tmp_path: Path) -> None:
     host = Host(platform="linux", unit_dir=tmp_path / "systemd" / "user", uid=1000)
     unit = host.unit_dir / "solverx.service"
     user = ["systemctl", "--user"]
@@ -291,9 +281,7 @@ def test_linux_commands_issue_expected_systemctl_calls(
     assert standins.calls() == []
 
 
-def test_failing_service_manager_gives_clear_message(
-    standins: StandIns, spec: ServiceSpec, tmp_path: Path
-) -> None:
+def test_failing_service_manager_gives_clear_message(standins: StandIns, spec: ServiceSpec, tmp_path: Path) -> None:
     linux = Host(platform="linux", unit_dir=tmp_path / "user", uid=1000)
     standins.respond("systemctl", "daemon-reload", rc=1, stderr="Failed to connect to bus: No medium found\n")
     with pytest.raises(ServiceError) as error:
@@ -329,9 +317,7 @@ def test_missing_tool_or_unit_gives_clear_message(
         Host.current("win32")
 
 
-def test_macos_logs_tail_the_log_files(
-    spec: ServiceSpec, tmp_path: Path, capfd: pytest.CaptureFixture
-) -> None:
+def test_macos_logs_tail_the_log_files(spec: ServiceSpec, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     host = Host(platform="darwin", unit_dir=tmp_path / "agents", uid=501)
     with pytest.raises(ServiceError, match="no logs yet"):
         control.logs(spec, host)

@@ -1,0 +1,173 @@
+"""The OpenAI-compatible endpoints: chat completions, text completions and the model list.
+
+Each handler reads and validates the body (:mod:`server.schemas`), resolves the model name
+(:mod:`server.models`), and runs the engine. Streaming handlers wait for the first delta before answering, so a
+prompt that is too long or an unusable adapter still gets its proper status code instead of an error event
+inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from jinja2.exceptions import TemplateError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server import schemas
+from server.engine import Delta, EngineError
+from server.errors import InvalidRequest, ModelNotFound, RequestTooLarge, to_api_error
+from server.streaming import EventStream, cancel_on_disconnect, chat_events, completion_events, prepend
+
+if TYPE_CHECKING:
+    from server.app import ServerState
+    from server.engine import Engine
+    from server.models import Resolved
+
+__all__ = ["read_json", "routes"]
+
+
+class _Endpoint(NamedTuple):
+    """What differs between chat and text completions once the prompt is tokenized."""
+
+    id_prefix: str
+    prompt_param: str  # the field blamed when the prompt does not fit the context
+    events: Callable[[schemas.ResponseMeta, AsyncIterator[Delta], bool], AsyncIterator[bytes]]
+    body: Callable[[schemas.ResponseMeta, str, str, dict[str, int]], dict[str, Any]]
+
+
+CHAT = _Endpoint("chatcmpl", "messages", chat_events, schemas.chat_completion)
+TEXT = _Endpoint("cmpl", "prompt", completion_events, schemas.text_completion)
+
+
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    req = schemas.parse_chat_request(await read_json(request, state.max_body_bytes), state.default_model)
+    target = state.catalog.resolve(req.model)
+    try:
+        prompt = target.engine.encode_chat(req.template_messages())
+    except TemplateError as exc:
+        raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
+    return await _complete(request, state, target, prompt, req.options, CHAT)
+
+
+async def completions(request: Request) -> Response:
+    state = _state(request)
+    req = schemas.parse_completion_request(await read_json(request, state.max_body_bytes), state.default_model)
+    target = state.catalog.resolve(req.model)
+    prompt = target.engine.encode_prompt(req.prompt)
+    return await _complete(request, state, target, prompt, req.options, TEXT)
+
+
+async def _complete(
+    request: Request,
+    state: ServerState,
+    target: Resolved,
+    prompt: list[int],
+    options: schemas.GenerationOptions,
+    endpoint: _Endpoint,
+) -> Response:
+    """Run the engine and answer with one body, or with an event stream once the first delta is in."""
+    params = options.sampling(_completion_budget(state, target.engine, options, len(prompt)))
+    meta = schemas.ResponseMeta.new(endpoint.id_prefix, target.display_name)
+    deltas = target.engine.generate(prompt, params, target.adapter)
+    if options.stream:
+        first = await _first(deltas, param=endpoint.prompt_param)
+        return EventStream(endpoint.events(meta, prepend(first, deltas), options.include_usage))
+    text, last = await cancel_on_disconnect(request.receive, lambda: _collect(deltas, param=endpoint.prompt_param))
+    counts = schemas.usage(last.prompt_tokens, last.completion_tokens)
+    return JSONResponse(endpoint.body(meta, text, last.finish_reason or "stop", counts))
+
+
+async def list_models(request: Request) -> Response:
+    cards = _state(request).catalog.cards()
+    return JSONResponse({"object": "list", "data": [card.to_dict() for card in cards]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    model = request.path_params["model"]
+    for card in _state(request).catalog.cards():
+        if card.id == model:
+            return JSONResponse(card.to_dict())
+    raise ModelNotFound.for_model(model)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON, refusing bodies over ``limit`` bytes before reading all of them."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    try:
+        return json.loads(body)
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. Send a JSON object with Content-Type: "
+            f"application/json ({exc}).",
+            code="invalid_json",
+        ) from exc
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"The request body is larger than this server accepts ({limit} bytes).")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.solverx
+
+
+def _completion_budget(
+    state: ServerState, engine: Engine, options: schemas.GenerationOptions, prompt_tokens: int
+) -> int:
+    """The completion budget when the request sets none (up to the cap or the end of the context); a request
+    asking for more than the cap is refused."""
+    if options.max_tokens is not None and options.max_tokens > state.max_tokens_cap:
+        raise InvalidRequest(
+            f"max_tokens is too large: {options.max_tokens}. This server allows at most "
+            f"{state.max_tokens_cap} completion tokens.",
+            param="max_tokens",
+            code="integer_above_max_value",
+        )
+    return max(1, min(state.max_tokens_cap, engine.context_length - prompt_tokens))
+
+
+async def _first(deltas: AsyncIterator[Delta], param: str) -> Delta:
+    """The first delta; the engine reports a prompt it cannot run here, before any output."""
+    try:
+        return await anext(deltas)
+    except EngineError as exc:
+        raise to_api_error(exc, param=param) from exc
+    except BaseException:
+        await deltas.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def _collect(deltas: AsyncIterator[Delta], param: str) -> tuple[str, Delta]:
+    """The whole completion as one text and its last delta (finish reason and token counts)."""
+    parts: list[str] = []
+    last: Delta | None = None
+    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+        try:
+            async for delta in deltas:
+                parts.append(delta.text)
+                last = delta
+        except EngineError as exc:
+            raise to_api_error(exc, param=param) from exc
+    assert last is not None, "the engine ends every sequence with a finish reason"
+    return "".join(parts), last
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+]

@@ -1,0 +1,447 @@
+"""The OpenAI request and response bodies this server speaks, checked by hand into typed dataclasses.
+
+Requests: every field we act on is validated with an error that names it (``param``) the way OpenAI does;
+fields we do not know are ignored, since OpenAI clients send many. A field we know but cannot honour (``n`` > 1,
+``logprobs``) is refused rather than silently ignored. ``null`` means "not given" throughout.
+
+Responses: plain dicts shaped like ``chat.completion``, ``chat.completion.chunk`` and ``text_completion``;
+``tests/test_openai_api.py`` checks them against the OpenAPI spec.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import InvalidRequest
+from server.sampling import SamplingParams
+
+__all__ = [
+    "ROLES",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "GenerationOptions",
+    "ResponseMeta",
+    "chat_chunk",
+    "chat_completion",
+    "parse_chat_request",
+    "parse_completion_request",
+    "text_completion",
+    "usage",
+    "usage_chunk",
+]
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP_SEQUENCES = 4
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+# -- requests ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    def for_template(self) -> dict[str, str]:
+        """The message as a chat template expects it; ``developer`` is OpenAI's newer name for ``system``."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling and streaming settings shared by chat and text completions."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """Engine settings; ``default_max_tokens`` applies when the request set no limit."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens or default_max_tokens,
+            stop=self.stop,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class ChatCompletionRequest:
+    model: str
+    messages: tuple[ChatMessage, ...]
+    options: GenerationOptions
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.for_template() for m in self.messages]
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompt: str
+    options: GenerationOptions
+
+
+def parse_chat_request(body: Any, default_model: str | None = None) -> ChatCompletionRequest:
+    """Validate a ``POST /v1/chat/completions`` body; raises :class:`InvalidRequest` naming the bad field."""
+    fields = _object(body)
+    _refuse_truthy(fields, "logprobs", "top_logprobs")
+    return ChatCompletionRequest(
+        model=_model(fields, default_model),
+        messages=_messages(fields.get("messages")),
+        options=_options(fields, max_tokens_names=("max_completion_tokens", "max_tokens")),
+    )
+
+
+def parse_completion_request(body: Any, default_model: str | None = None) -> CompletionRequest:
+    """Validate a ``POST /v1/completions`` body: ``prompt`` is a string or a list holding one string."""
+    fields = _object(body)
+    _refuse_truthy(fields, "logprobs", "echo", "suffix")
+    best_of = _integer(fields, "best_of", minimum=1)
+    if best_of not in (None, 1):
+        raise InvalidRequest("Only best_of=1 is supported.", param="best_of", code="unsupported_value")
+    return CompletionRequest(
+        model=_model(fields, default_model),
+        prompt=_prompt(fields.get("prompt")),
+        options=_options(fields, max_tokens_names=("max_tokens",)),
+    )
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, but got {_json_type(body)} instead.", code="invalid_type"
+        )
+    return body
+
+
+def _model(fields: dict[str, Any], default: str | None) -> str:
+    model = fields.get("model")
+    if model is None and default is not None:
+        return default
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise _wrong_type("model", "a string", model)
+    if not model:
+        raise InvalidRequest("Invalid 'model': empty string.", param="model", code="invalid_value")
+    return model
+
+
+def _messages(value: Any) -> tuple[ChatMessage, ...]:
+    if value is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
+        )
+    if not isinstance(value, list):
+        raise _wrong_type("messages", "an array", value)
+    if not value:
+        raise InvalidRequest(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            param="messages",
+            code="empty_array",
+        )
+    return tuple(_message(item, f"messages[{i}]") for i, item in enumerate(value))
+
+
+def _message(item: Any, where: str) -> ChatMessage:
+    if not isinstance(item, dict):
+        raise _wrong_type(where, "an object", item)
+    role = item.get("role")
+    if role is None:
+        raise InvalidRequest(
+            f"Missing required parameter: '{where}.role'.", param=f"{where}.role", code="missing_required_parameter"
+        )
+    if role not in ROLES:
+        supported = ", ".join(f"'{r}'" for r in ROLES)
+        raise InvalidRequest(
+            f"Invalid value: {role!r}. Supported values are: {supported}.", param=f"{where}.role", code="invalid_value"
+        )
+    content = item.get("content")
+    if content is None and role == "assistant":
+        content = ""  # an assistant turn that only called tools
+    return ChatMessage(role, _content(content, f"{where}.content"))
+
+
+def _content(content: Any, where: str) -> str:
+    """Message content: a string, or a list of ``{"type": "text", "text": ...}`` parts joined together."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise InvalidRequest(f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter")
+    if not isinstance(content, list):
+        raise _wrong_type(where, "a string or an array of content parts", content)
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise _wrong_type(f"{where}[{i}]", "an object", part)
+        if part.get("type") != "text":
+            raise InvalidRequest(
+                f"Invalid '{where}[{i}].type': only 'text' content parts are supported, got {part.get('type')!r}.",
+                param=f"{where}[{i}].type",
+                code="unsupported_value",
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _wrong_type(f"{where}[{i}].text", "a string", text)
+        texts.append(text)
+    return "".join(texts)
+
+
+def _prompt(value: Any) -> str:
+    if value is None:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise InvalidRequest(
+                "Invalid 'prompt': token id prompts are not supported; send the prompt as text.",
+                param="prompt",
+                code="unsupported_value",
+            )
+        if len(value) != 1:
+            raise InvalidRequest(
+                f"Invalid 'prompt': this server takes one prompt per request, got {len(value)}.",
+                param="prompt",
+                code="unsupported_value",
+            )
+        value = value[0]
+    if not isinstance(value, str):
+        raise _wrong_type("prompt", "a string or an array of one string", value)
+    if not value:
+        raise InvalidRequest("Invalid 'prompt': empty string.", param="prompt", code="invalid_value")
+    return value
+
+
+def _options(fields: dict[str, Any], max_tokens_names: tuple[str, ...]) -> GenerationOptions:
+    n = _integer(fields, "n", minimum=1)
+    if n not in (None, 1):
+        raise InvalidRequest("Only n=1 is supported.", param="n", code="unsupported_value")
+    max_tokens = None
+    for name in max_tokens_names:  # max_completion_tokens replaces the deprecated max_tokens
+        max_tokens = _integer(fields, name, minimum=1)
+        if max_tokens is not None:
+            break
+    stream = _boolean(fields, "stream") or False
+    include_usage = False
+    stream_options = fields.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise _wrong_type("stream_options", "an object", stream_options)
+        include_usage = _boolean(stream_options, "include_usage", where="stream_options.") or False
+    temperature = _number(fields, "temperature", minimum=0.0, maximum=2.0)
+    top_p = _number(fields, "top_p", minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    return GenerationOptions(
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        max_tokens=max_tokens,
+        stop=_stop(fields.get("stop")),
+        seed=_seed(fields),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise _wrong_type("stop", "a string or an array of strings", value)
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(
+            f"Invalid 'stop': array too long. Expected at most {MAX_STOP_SEQUENCES} items, got {len(value)}.",
+            param="stop",
+            code="array_above_max_length",
+        )
+    return tuple(s for s in value if s)
+
+
+def _seed(fields: dict[str, Any]) -> int | None:
+    """Any 64-bit seed, signed or not; mapped onto the unsigned range the sampler's PRNG takes."""
+    seed = _integer(fields, "seed", minimum=_SEED_RANGE[0], maximum=_SEED_RANGE[1])
+    return None if seed is None else seed % 2**64
+
+
+def _refuse_truthy(fields: dict[str, Any], *names: str) -> None:
+    for name in names:
+        if fields.get(name):
+            raise InvalidRequest(f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+
+
+def _number(
+    fields: dict[str, Any], name: str, minimum: float, maximum: float, exclusive_minimum: bool = False
+) -> float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _wrong_type(name, "a number", value)
+    if not math.isfinite(value):  # Python's json accepts NaN and Infinity
+        raise InvalidRequest(f"Invalid '{name}': expected a finite number.", param=name, code="invalid_value")
+    too_low = value <= minimum if exclusive_minimum else value < minimum
+    if too_low:
+        bound = f"> {minimum:g}" if exclusive_minimum else f">= {minimum:g}"
+        raise InvalidRequest(
+            f"Invalid '{name}': expected a value {bound}, but got {value} instead.",
+            param=name,
+            code="decimal_below_min_value",
+        )
+    if value > maximum:
+        raise InvalidRequest(
+            f"Invalid '{name}': expected a value <= {maximum:g}, but got {value} instead.",
+            param=name,
+            code="decimal_above_max_value",
+        )
+    return float(value)
+
+
+def _integer(
+    fields: dict[str, Any], name: str, minimum: int | None = None, maximum: int | None = None, where: str = ""
+) -> int | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # some clients serialise every number as a float
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type(where + name, "an integer", value)
+    if minimum is not None and value < minimum:
+        raise InvalidRequest(
+            f"Invalid '{where}{name}': expected a value >= {minimum}, but got {value} instead.",
+            param=where + name,
+            code="integer_below_min_value",
+        )
+    if maximum is not None and value > maximum:
+        raise InvalidRequest(
+            f"Invalid '{where}{name}': expected a value <= {maximum}, but got {value} instead.",
+            param=where + name,
+            code="integer_above_max_value",
+        )
+    return value
+
+
+def _boolean(fields: dict[str, Any], name: str, where: str = "") -> bool | None:
+    value = fields.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise _wrong_type(where + name, "a boolean", value)
+
+
+def _wrong_type(param: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every body (or chunk) of one response repeats: its id, creation time and model name."""
+
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> ResponseMeta:
+        return cls(f"{prefix}-{secrets.token_hex(12)}", int(time.time()), model)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion(meta: ResponseMeta, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def chat_chunk(
+    meta: ResponseMeta, delta: dict[str, str], finish_reason: str | None, with_usage: bool
+) -> dict[str, Any]:
+    """One streamed chat delta; ``with_usage`` adds ``"usage": null`` (set when the client asked for usage)."""
+    chunk = {
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def text_completion(
+    meta: ResponseMeta, text: str, finish_reason: str | None, usage: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """A ``text_completion`` body; streamed chunks share the shape, with ``finish_reason`` null until the end."""
+    body: dict[str, Any] = {
+        "id": meta.id,
+        "object": "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def usage_chunk(meta: ResponseMeta, object: str, usage: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, only usage."""
+    return {
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [],
+        "usage": usage,
+    }

@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny base model is built once per machine (cached by content key) and reused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEST_CACHE = Path(os.environ.get("SOLVERX_TEST_CACHE", REPO_ROOT / ".state" / "test-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The default tiny base (``solverx-tiny``), built on first use and cached across runs."""
+    from solverx.tiny import ensure_tiny
+
+    return ensure_tiny(TEST_CACHE / "models")
+
+
+# -- the HTTP server (tests/serving.py) and OpenAI's published schemas --------------------------------------
+
+# OpenAI's spec: $SOLVERX_OPENAPI_SPEC, else the vendored subset (tests/serving.py: vendor_openapi_subset), else
+# the full openapi.yaml where this project's machines keep it.
+OPENAPI_SPECS = (
+    *(Path(p) for p in [os.environ.get("SOLVERX_OPENAPI_SPEC")] if p),
+    REPO_ROOT / "tests" / "data" / "openai-openapi-subset.json",
+    Path("/work/shared/openai-openapi/openapi.yaml"),
+)
+
+
+@pytest.fixture(scope="session")
+def solverx_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real ``solverx serve`` subprocess for the session, on the tiny base (a :class:`serving.Daemon`)."""
+    from serving import serve_daemon
+
+    with serve_daemon(tmp_path_factory.mktemp("solverx-home"), tiny_model_dir) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="session")
+def openapi():
+    """``openapi(schema_name, body)`` validates a body against ``components/schemas/<schema_name>``."""
+    from serving import OpenAPISchemas
+
+    spec = next((path for path in OPENAPI_SPECS if path.exists()), None)
+    if spec is None:
+        pytest.skip(f"OpenAI's OpenAPI spec is at none of {', '.join(map(str, OPENAPI_SPECS))}")
+    return OpenAPISchemas.load(spec)
