@@ -109,7 +109,9 @@ class MultiLoRALinear(nn.Module):
         return y + (scale * delta).astype(y.dtype)
 
 
-def wrap_model(model: nn.Module, capacity: int, rank: int = 8, keys: Iterable[str] = DEFAULT_KEYS) -> SlotContext:
+def wrap_model(
+    model: nn.Module, capacity: int, rank: int = 8, keys: Iterable[str] = DEFAULT_KEYS
+) -> SlotContext:
     """Wrap the named projections of every transformer layer once; returns the shared routing context."""
     context = SlotContext()
     keys = tuple(keys)
@@ -135,11 +137,7 @@ def _nest(pairs: list[tuple[str, nn.Module]]) -> dict:
 
 def lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
     """Wrapped layers by the module path adapter keys use, e.g. ``model.layers.0.self_attn.q_proj``."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, MultiLoRALinear)
-    }
+    return {name: module for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)}
 
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -188,7 +186,9 @@ class AdapterSlots:
         tensors, scale = _read_adapter(path)
         nbytes = sum(t.nbytes for t in tensors.values())
         if nbytes > self._max_bytes:
-            raise AdapterLoadError(f"adapter {key} needs {nbytes} bytes, over the {self._max_bytes}-byte budget")
+            raise AdapterLoadError(
+                f"adapter {key} needs {nbytes} bytes, over the {self._max_bytes}-byte budget"
+            )
         slot = self._free_slot(nbytes)
         if slot is None:
             return None
@@ -221,7 +221,9 @@ class AdapterSlots:
             if (a is None) != (b is None):
                 raise AdapterLoadError(f"adapter {key}: {path} has only one of lora_a / lora_b")
             if a is not None and (
-                a.shape[0] != layer.in_features or b.shape[1] != layer.out_features or a.shape[1] != b.shape[0]
+                a.shape[0] != layer.in_features
+                or b.shape[1] != layer.out_features
+                or a.shape[1] != b.shape[0]
             ):
                 raise AdapterLoadError(
                     f"adapter {key}: {path} has lora_a {a.shape} / lora_b {b.shape}, "

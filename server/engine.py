@@ -152,6 +152,11 @@ class Engine:
             raise self._load_error
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running and can take requests (``/health`` reports it)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
+
     def stop(self) -> None:
         self._stopped = True
         self._inbox.put(_STOP)
@@ -241,7 +246,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.slots = AdapterSlots(model, self.config.max_resident_adapters + 1, self.config.max_adapter_bytes)
-        self._eos = set(tokenizer.eos_token_ids)
+        self._eos = set(tokenizer.eos_token_ids) | _control_token_ids(tokenizer)
 
     def _admit_new(self) -> bool:
         """Move submitted sequences into the waiting line; block while there is nothing to do. False = stop."""
@@ -361,7 +366,10 @@ class Engine:
             seq.last_token = token
             if seq.stream.stopped:
                 finish = "stop"
-            elif seq.generated >= seq.params.max_tokens or len(seq.prompt) + seq.generated >= self.context_length:
+            elif (
+                seq.generated >= seq.params.max_tokens
+                or len(seq.prompt) + seq.generated >= self.context_length
+            ):
                 finish = "length"
                 text += seq.stream.finish()
         if finish is not None:
@@ -400,6 +408,16 @@ class Engine:
                 return
             if isinstance(item, _Sequence):
                 self._fail(item, EngineStopped("the engine stopped"))
+
+
+# Chat-control tokens that end an answer in the templates we serve (ChatML, Gemma) even when the model's config
+# names only one of them as EOS: generation must never print them as text.
+_CONTROL_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>")
+
+
+def _control_token_ids(tokenizer) -> set[int]:
+    vocab = tokenizer.get_vocab()
+    return {vocab[token] for token in _CONTROL_TOKENS if token in vocab}
 
 
 def _context_length(config: dict, tokenizer) -> int:

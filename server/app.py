@@ -1,0 +1,134 @@
+"""The Starlette application: routes, error handlers, and a lifespan that owns the engines.
+
+The lifespan loads every engine before the server accepts connections (uvicorn binds its socket only after
+startup completes) and stops them at shutdown, so a request never meets a half-loaded model and a stopped
+server leaves no engine thread behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from adapters.errors import AdapterError
+from adapters.registry import Registry
+from server import routes_admin, routes_openai, routes_training
+from server.engine import Engine, EngineError
+from server.errors import APIError, AuthenticationError, handle_disconnect, handle_error, handle_unexpected
+from server.models import ModelCatalog
+from trainer.schedule import TrainingManager
+
+__all__ = ["ServerState", "create_app"]
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share: the model catalog and the limits applied to every request."""
+
+    catalog: ModelCatalog
+    max_body_bytes: int = 1 * MiB
+    max_tokens_cap: int = 4096
+    default_model: str | None = None
+    """The model used when a request names none; None makes ``model`` required, as OpenAI does."""
+    api_key: str | None = None
+    """When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>`` (``/health`` stays open)."""
+    registry: Registry | None = None
+    """The adapter store; None serves bases only."""
+    training: TrainingManager | None = None
+    """Started after the engines and stopped before them; None disables training."""
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def engines(self) -> list[Engine]:
+        return list(self.catalog.engines.values())
+
+
+def create_app(state: ServerState) -> Starlette:
+    """The ASGI app serving ``state``; running its lifespan starts and stops the engines."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        started: list[Engine] = []
+        try:
+            for engine in state.engines:
+                await anyio.to_thread.run_sync(engine.start)
+                started.append(engine)
+            if state.training is not None:
+                await state.training.start()
+            yield
+        finally:
+            if state.training is not None:
+                await state.training.stop()
+            for engine in started:
+                await anyio.to_thread.run_sync(engine.stop)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            *routes_openai.routes,
+            *routes_admin.routes,
+            *routes_training.routes,
+        ],
+        exception_handlers={
+            HTTPException: handle_error,
+            APIError: handle_error,
+            EngineError: handle_error,
+            AdapterError: handle_error,
+            ClientDisconnect: handle_disconnect,
+            Exception: handle_unexpected,
+        },
+        middleware=[Middleware(RequireAPIKey, state=state)],
+        lifespan=lifespan,
+    )
+    app.state.solverx = state
+    return app
+
+
+class RequireAPIKey:
+    """Refuse ``/v1/*`` requests without the configured bearer key, before any body is read."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = self.state.api_key
+        if key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                error = AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def health(request: Request) -> Response:
+    """Liveness plus the load the engines carry (``running`` drops to 0 as soon as clients are gone)."""
+    state: ServerState = request.app.state.solverx
+    engines = state.engines
+    healthy = all(e.alive for e in engines)
+    return JSONResponse(
+        {
+            "status": "ok" if healthy else "degraded",
+            "models": list(state.catalog.engines),
+            "running": sum(e.stats.running for e in engines),
+            "waiting": sum(e.stats.waiting for e in engines),
+            "uptime_s": round(time.time() - state.started_at, 1),
+        },
+        status_code=200 if healthy else 503,
+    )

@@ -1,0 +1,170 @@
+"""Adapter administration over HTTP: register, promote, roll back, remove, inspect.
+
+Registry writes copy and fsync files, so they run in a worker thread and never stall generation. The
+registry validates every adapter against the served base before it exists as a version, so a bad adapter is
+refused here with a 4xx and is never served. vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+are accepted too, so tools written for vLLM work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from adapters.names import parse_model_name, validate_name
+from adapters.registry import Registry, VersionInfo
+from server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from server.routes_openai import read_json
+
+
+def _registry(request: Request) -> Registry:
+    registry = getattr(request.app.state.solverx, "registry", None)
+    if registry is None:
+        raise ServiceUnavailable("This server has no adapter registry.")
+    return registry
+
+
+def _version_dict(info: VersionInfo) -> dict[str, Any]:
+    data = asdict(info)
+    data["path"] = str(info.path)
+    data["id"] = info.model_name
+    return data
+
+
+def _field(body: Any, name: str, kind: type, required: bool = True) -> Any:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if value is None or not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise InvalidRequest(f"`{name}` is required and must be a {kind.__name__}.", param=name)
+    return value
+
+
+def _base_for(request: Request, base_id: str | None):
+    """The engine an adapter is registered against: the named base, else the default (first) one."""
+    engines = request.app.state.solverx.catalog.engines
+    if base_id is None:
+        return next(iter(engines.values()))
+    if base_id not in engines:
+        raise ModelNotFound(f"The base model `{base_id}` is not served here.", param="base_model")
+    return engines[base_id]
+
+
+async def _register(request: Request, name: str, path: str, promote: bool, base_id: str | None) -> VersionInfo:
+    registry = _registry(request)
+    source = Path(path).expanduser()
+    if not source.is_dir():
+        raise InvalidRequest(f"No adapter directory at `{path}`.", param="path")
+    engine = _base_for(request, base_id)
+    return await run_in_threadpool(
+        registry.register,
+        source,
+        validate_name(name),
+        base_id=engine.base_id,
+        base_dir=engine.model_dir,
+        stage="imported",
+        promote=promote,
+    )
+
+
+async def register_adapter(request: Request) -> Response:
+    """``POST /v1/adapters {"name", "path", "promote": true, "base_model"?}`` → the new version."""
+    body = await read_json(request, request.app.state.solverx.max_body_bytes)
+    promote = body.get("promote", True) if isinstance(body, dict) else True
+    if not isinstance(promote, bool):
+        raise InvalidRequest("`promote` must be a boolean.", param="promote")
+    info = await _register(
+        request, _field(body, "name", str), _field(body, "path", str), promote, _field(body, "base_model", str, False)
+    )
+    return JSONResponse(_version_dict(info), status_code=201)
+
+
+async def load_lora_adapter(request: Request) -> Response:
+    """vLLM's form: ``{"lora_name", "lora_path"}`` registers and promotes."""
+    body = await read_json(request, request.app.state.solverx.max_body_bytes)
+    info = await _register(request, _field(body, "lora_name", str), _field(body, "lora_path", str), True, None)
+    return JSONResponse(_version_dict(info), status_code=201)
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    """vLLM's form: ``{"lora_name"}`` removes the adapter (every version)."""
+    body = await read_json(request, request.app.state.solverx.max_body_bytes)
+    name, version = parse_model_name(_field(body, "lora_name", str))
+    await run_in_threadpool(_registry(request).remove, name, version)
+    return JSONResponse({"removed": _field(body, "lora_name", str)})
+
+
+async def list_adapters(request: Request) -> Response:
+    registry = _registry(request)
+    data = [
+        {"name": name, "versions": [_version_dict(v) for v in registry.versions(name)]} for name in registry.names()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def show_adapter(request: Request) -> Response:
+    """Versions, lineage, status and eval reports of one adapter."""
+    name, version = parse_model_name(request.path_params["name"])
+    registry = _registry(request)
+    if version is not None:
+        return JSONResponse(_version_dict(registry.resolve(name, version)))
+    versions = registry.versions(name)
+    if not versions:
+        raise ModelNotFound.for_model(name)
+    promoted = registry.promoted(name)
+    return JSONResponse(
+        {
+            "name": name,
+            "promoted": promoted.version if promoted else None,
+            "versions": [_version_dict(v) for v in versions],
+        }
+    )
+
+
+async def promote_adapter(request: Request) -> Response:
+    """``POST /v1/adapters/{name}/promote {"version": N}``; ``{name}@N`` in the path works too."""
+    name, version = parse_model_name(request.path_params["name"])
+    if version is None:
+        body = await read_json(request, request.app.state.solverx.max_body_bytes)
+        version = _field(body, "version", int)
+    info = await run_in_threadpool(_registry(request).promote, name, version)
+    return JSONResponse(_version_dict(info))
+
+
+async def rollback_adapter(request: Request) -> Response:
+    """``POST /v1/adapters/{name}/rollback [{"version": N}]`` → back to N, or to the previously promoted one."""
+    name, _ = parse_model_name(request.path_params["name"])
+    raw = await request.body()
+    to = None
+    if raw.strip():
+        body = await read_json(request, request.app.state.solverx.max_body_bytes)
+        to = _field(body, "version", int, required=False)
+    info = await run_in_threadpool(_registry(request).rollback, name, to)
+    return JSONResponse(_version_dict(info))
+
+
+async def delete_adapter(request: Request) -> Response:
+    """``DELETE /v1/adapters/{name}`` removes every version; ``{name}@N`` removes one."""
+    name, version = parse_model_name(request.path_params["name"])
+    await run_in_threadpool(_registry(request).remove, name, version)
+    return JSONResponse({"removed": request.path_params["name"]})
+
+
+routes = [
+    Route("/v1/adapters", register_adapter, methods=["POST"]),
+    Route("/v1/adapters", list_adapters, methods=["GET"]),
+    Route("/v1/adapters/{name}", show_adapter, methods=["GET"]),
+    Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
+    Route("/v1/adapters/{name}/promote", promote_adapter, methods=["POST"]),
+    Route("/v1/adapters/{name}/rollback", rollback_adapter, methods=["POST"]),
+    Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+    Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
+]
