@@ -28,6 +28,7 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from adapters.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
 from server.sampling import SamplingParams, sample_rows
 from server.textstream import TextStream
+from solverx.prepare import context_limit, fold_system_message, needs_system_fold  # also registers HyperCLOVA X
 
 log = logging.getLogger("solverx.engine")
 
@@ -135,6 +136,7 @@ class Engine:
         self.tokenizer = None
         self.context_length = 0
         self.model_type = ""
+        self.fold_system = False
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -167,8 +169,8 @@ class Engine:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Render messages with the base's chat template, ending where the assistant's answer begins."""
-        if self.model_type.startswith("gemma"):
-            messages = _fold_system(messages)
+        if self.fold_system:
+            messages = fold_system_message(messages)
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -239,7 +241,8 @@ class Engine:
         model, tokenizer = load(str(self.model_dir))
         config = json.loads((self.model_dir / "config.json").read_text())
         self.model_type = config.get("model_type", "")
-        self.context_length = _context_length(config, tokenizer)
+        self.fold_system = needs_system_fold(config)
+        self.context_length = context_limit(config)
         self.slots_context = wrap_model(model, self.config.max_resident_adapters + 1, self.config.lora_rank)
         model.eval()
         mx.eval(model.parameters())
@@ -418,28 +421,3 @@ _CONTROL_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|im_start|>", "<end_of_turn>
 def _control_token_ids(tokenizer) -> set[int]:
     vocab = tokenizer.get_vocab()
     return {vocab[token] for token in _CONTROL_TOKENS if token in vocab}
-
-
-def _context_length(config: dict, tokenizer) -> int:
-    """The longest sequence the model was built for; gemma2 is capped at 4096 (no sliding window in mlx-lm)."""
-    limit = int(config.get("max_position_embeddings") or 0)
-    if not limit:
-        limit = int(getattr(tokenizer, "model_max_length", 0) or 4096)
-        limit = min(limit, 131072)
-    if config.get("model_type") == "gemma2":
-        limit = min(limit, 4096)
-    return limit
-
-
-def _fold_system(messages: list[dict]) -> list[dict]:
-    """Gemma's template has no system role: prepend the system text to the first user turn."""
-    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
-    rest = [dict(m) for m in messages if m.get("role") != "system"]
-    if system:
-        for message in rest:
-            if message.get("role") == "user":
-                message["content"] = f"{system}\n\n{message['content']}"
-                break
-        else:
-            rest.insert(0, {"role": "user", "content": system})
-    return rest

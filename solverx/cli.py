@@ -95,6 +95,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return status_command(args, _settings(args)[0])
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from solverx.commands import prepare_command
+
+    return prepare_command(args, _settings(args)[0])
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from solverx.commands import plan_command
+
+    return plan_command(args, _settings(args)[0])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="solverx",
@@ -120,10 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(service)
     service.set_defaults(handler=_cmd_service)
 
-    from solverx.commands import add_adapters_parser
+    from solverx.commands import add_adapters_parser, add_model_parsers
 
     add_adapters_parser(commands, add_arguments)
     commands.choices["adapters"].set_defaults(handler=_cmd_adapters)
+    add_model_parsers(commands, add_arguments)
+    commands.choices["prepare"].set_defaults(handler=_cmd_prepare)
+    commands.choices["plan"].set_defaults(handler=_cmd_plan)
 
     train = commands.add_parser("train", help="train an adapter from its inbox folder")
     train.add_argument("adapter")

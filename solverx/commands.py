@@ -230,3 +230,72 @@ def _local_runs(settings: Settings) -> list[dict]:
 
     runs = sorted((p for p in state_dirs(settings.home).runs.glob("*") if p.is_dir()), reverse=True)
     return [asdict(summarize(p)) for p in runs[:5]]
+
+
+def prepare_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Extract (VLM → text), quantize and optionally register a checkpoint as a base model."""
+    from solverx.paths import state_dirs
+    from solverx.prepare import prepare_checkpoint
+
+    q_bits = None if args.q_bits == "none" else int(args.q_bits)
+    out = Path(args.out) if args.out else None
+    if args.register:
+        out = state_dirs(settings.home).model(args.register)
+    if out is None:
+        print("solverx: give --out DIR or --register BASE_ID", file=sys.stderr)
+        return 2
+    prepared = prepare_checkpoint(Path(args.checkpoint), out, q_bits=q_bits, progress=True)
+    kind = "text backbone extracted from a VLM, " if prepared.extracted_from_vlm else ""
+    bits = f"{prepared.q_bits}-bit" if prepared.q_bits else "unquantized"
+    print(f"prepared {prepared.model_type} ({kind}{bits}, {prepared.weight_bytes / 2**30:.1f} GiB) at {prepared.path}")
+    print(f"fingerprint {prepared.fingerprint}; context limit {prepared.context_limit}")
+    if args.register:
+        print(f"registered as base model {args.register!r}: serve it with --base-models {args.register}")
+    return 0
+
+
+def plan_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Whether serving, training, or both at once fit this machine for a base model."""
+    import os as _os
+
+    from solverx.memory_plan import TrainPlanArgs, format_plan, load_model_config, plan, q_bits_of
+    from solverx.paths import state_dirs
+
+    path = Path(args.base)
+    if not path.exists():
+        path = state_dirs(settings.home).model(args.base)
+    config = load_model_config(path)
+    machine = (
+        int(args.machine_gb * 2**30) if args.machine_gb else _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")
+    )
+    q_bits = q_bits_of(config) if args.q_bits is None else (None if args.q_bits == "none" else int(args.q_bits))
+    train = TrainPlanArgs(batch_size=args.batch_size, seq_len=args.seq_len) if args.train else None
+    result = plan(
+        config, q_bits=q_bits, context=args.context, resident_adapters=settings.max_resident_adapters,
+        lora_rank=args.rank, lora_layers=args.layers, train=train, grad_checkpoint=args.grad_checkpoint,
+        machine_bytes=machine,
+    )  # fmt: skip
+    print(format_plan(result))
+    return 0
+
+
+def add_model_parsers(commands, add_settings) -> None:
+    prepare = commands.add_parser("prepare", help="extract/quantize a checkpoint (HyperCLOVA X VLM, Gemma 2, llama…)")
+    prepare.add_argument("checkpoint", help="a Hugging Face checkpoint directory")
+    prepare.add_argument("--out", help="where to write the prepared model")
+    prepare.add_argument("--register", metavar="BASE_ID", help="write it into the state dir as this base model")
+    prepare.add_argument("--q-bits", choices=["8", "4", "none"], default="8", help="quantization (default: 8)")
+    add_settings(prepare)
+
+    plan_parser = commands.add_parser("plan", help="will serving and training this base fit in memory?")
+    plan_parser.add_argument("base", help="a base id, a model directory or a config.json")
+    plan_parser.add_argument("--train", action="store_true", help="also plan a LoRA training run")
+    plan_parser.add_argument("--context", type=int, default=4096, help="serving context (default: 4096)")
+    plan_parser.add_argument("--q-bits", choices=["8", "4", "none"], help="override the model's quantization")
+    plan_parser.add_argument("--batch-size", type=int, default=1, help="training batch size")
+    plan_parser.add_argument("--seq-len", type=int, default=2048, help="training sequence length")
+    plan_parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    plan_parser.add_argument("--layers", type=int, default=16, help="LoRA layers")
+    plan_parser.add_argument("--grad-checkpoint", action="store_true")
+    plan_parser.add_argument("--machine-gb", type=float, help="memory of the target machine (default: this one)")
+    add_settings(plan_parser)
