@@ -25,9 +25,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters.errors import AdapterError
 from adapters.registry import Registry
-from server import routes_admin, routes_openai, routes_training
+from server import dashboard, routes_admin, routes_openai, routes_training
 from server.engine import Engine, EngineError
 from server.errors import APIError, AuthenticationError, handle_disconnect, handle_error, handle_unexpected
+from server.logs import RequestContext, install_access_log
+from server.metrics import Metrics
+from server.metrics import routes as metrics_routes
 from server.models import ModelCatalog
 from trainer.schedule import TrainingManager
 
@@ -77,12 +80,16 @@ def create_app(state: ServerState) -> Starlette:
             for engine in started:
                 await anyio.to_thread.run_sync(engine.stop)
 
+    metrics = Metrics(state)
+    install_access_log()
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             *routes_openai.routes,
             *routes_admin.routes,
             *routes_training.routes,
+            *dashboard.routes,
+            *metrics_routes,
         ],
         exception_handlers={
             HTTPException: handle_error,
@@ -92,10 +99,14 @@ def create_app(state: ServerState) -> Starlette:
             ClientDisconnect: handle_disconnect,
             Exception: handle_unexpected,
         },
-        middleware=[Middleware(RequireAPIKey, state=state)],
+        middleware=[
+            Middleware(RequestContext, observers=[metrics.observe_request]),  # outermost: every request gets an id
+            Middleware(RequireAPIKey, state=state),
+        ],
         lifespan=lifespan,
     )
     app.state.solverx = state
+    app.state.metrics = metrics
     return app
 
 

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from server import schemas
 from server.engine import Delta, EngineError
 from server.errors import InvalidRequest, ModelNotFound, RequestTooLarge, to_api_error
+from server.metrics import track_generation
 from server.streaming import EventStream, cancel_on_disconnect, chat_events, completion_events, prepend
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ async def _complete(
     """Run the engine and answer with one body, or with an event stream once the first delta is in."""
     params = options.sampling(_completion_budget(state, target.engine, options, len(prompt)))
     meta = schemas.ResponseMeta.new(endpoint.id_prefix, target.display_name)
-    deltas = target.engine.generate(prompt, params, target.adapter)
+    deltas = track_generation(request, target.display_name, target.engine.generate(prompt, params, target.adapter))
     if options.stream:
         first = await _first(deltas, param=endpoint.prompt_param)
         return EventStream(endpoint.events(meta, prepend(first, deltas), options.include_usage))

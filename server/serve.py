@@ -121,6 +121,7 @@ def _serve(state: ServerState, host: str, port: int, log_level: str) -> None:
         lifespan="on",
         log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        access_log=False,  # server.logs writes one JSON line per request, with its request id
     )
     _Server(config, ", ".join(state.catalog.engines)).run()
 

@@ -55,6 +55,7 @@ class TrainingManager:
     watch: bool = True
     _queue: deque[Queued] = field(default_factory=deque, init=False)
     _running: tuple[Queued, asyncio.subprocess.Process] | None = field(default=None, init=False)
+    _starting: Queued | None = field(default=None, init=False)  # off the queue, its child not spawned yet
     _cancelled: set[str] = field(default_factory=set, init=False)
     _scheduler: AsyncIOScheduler | None = field(default=None, init=False)
     _watcher: InboxWatcher | None = field(default=None, init=False)
@@ -112,6 +113,11 @@ class TrainingManager:
                 self._queue.remove(entry)
                 RunLog(self.dirs.runs / run_id).write("finished", state="cancelled")
                 return True
+        if self._starting is not None and self._starting.run_id == run_id:
+            # Between leaving the queue and its child existing (the spawn is awaited, so a DELETE can land here):
+            # mark it, and _run_child stops the child as soon as it has one.
+            self._cancelled.add(run_id)
+            return True
         if self._running is not None and self._running[0].run_id == run_id:
             self._cancelled.add(run_id)
             process = self._running[1]
@@ -130,7 +136,7 @@ class TrainingManager:
 
     def runs(self, limit: int = 20) -> list[RunSummary]:
         """Newest first: queued, running and finished runs."""
-        dirs = sorted((p for p in self.dirs.runs.glob("*") if p.is_dir()), reverse=True)[:limit]
+        dirs = sorted((p for p in self.dirs.runs.glob("*") if p.is_dir() and not p.is_symlink()), reverse=True)[:limit]
         summaries = [summarize(d) for d in dirs]
         running = self._running[0].run_id if self._running else None
         for s in summaries:
@@ -175,12 +181,19 @@ class TrainingManager:
             args.append("--no-replay")
         log.info("training %s (%s), run %s", entry.adapter, entry.reason, entry.run_id)
         output_path = self.dirs.runs / entry.run_id / CHILD_OUTPUT
-        with output_path.open("ab") as output:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "trainer.child", *args,
-                cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
+        self._starting = entry
+        try:
+            with output_path.open("ab") as output:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "trainer.child", *args,
+                    cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
+                )  # fmt: skip
+        finally:
+            self._starting = None
         self._running = (entry, process)
+        if entry.run_id in self._cancelled:  # cancelled while the child was being spawned
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
         try:
             await process.wait()
         finally:
