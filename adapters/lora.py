@@ -183,6 +183,11 @@ class AdapterSlots:
             self._resident[key] = resident  # most recently used
             resident.users += 1
             return resident.slot
+        if not self._slot_obtainable():
+            # Every slot is held by a running sequence. The engine retries on every decode step while this
+            # sequence waits, so answer without reading the adapter's files (a large adapter would otherwise be
+            # re-read from disk on each step, stalling every running sequence).
+            return None
         tensors, scale = _read_adapter(path)
         nbytes = sum(t.nbytes for t in tensors.values())
         if nbytes > self._max_bytes:
@@ -199,6 +204,10 @@ class AdapterSlots:
     def release(self, key: str) -> None:
         if key in self._resident:
             self._resident[key].users -= 1
+
+    def _slot_obtainable(self) -> bool:
+        """Whether a slot is free or can be freed by evicting an idle adapter (the byte budget aside)."""
+        return len(self._resident) < self._capacity - 1 or any(r.users == 0 for r in self._resident.values())
 
     def _free_slot(self, nbytes: int) -> int | None:
         used = {r.slot for r in self._resident.values()}

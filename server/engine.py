@@ -276,23 +276,30 @@ class Engine:
     def _start_waiting(self) -> None:
         """Prefill waiting sequences while the batch has room and their adapters have slots."""
         joined: list[tuple[_Sequence, list]] = []
+        # Sequences whose adapter needs a slot while every slot is in use. They keep their place at the head of
+        # the line (first to get a released slot, in order), but the base and adapters already resident do not
+        # wait behind them: one adapter's queue must not stall requests that need no new slot.
+        blocked: list[_Sequence] = []
         while self._waiting and len(self._active) + len(joined) < self.config.max_batch:
-            seq = self._waiting[0]
+            seq = self._waiting.popleft()
+            if blocked and seq.adapter is not None and seq.adapter.key not in self.slots.resident:
+                blocked.append(seq)  # needs a slot too: stay behind the earlier ones
+                continue
             try:
                 slot = self._acquire_slot(seq)
             except EngineError as exc:
-                self._waiting.popleft()
                 self._fail(seq, exc)
                 continue
             if slot is None:
-                break  # every adapter slot is in use; wait for a sequence to finish
-            self._waiting.popleft()
+                blocked.append(seq)  # every adapter slot is in use; wait for a sequence to finish
+                continue
             seq.slot = slot
             cache = self._prefill(seq)
             if seq.done:
                 self._release_slot(seq)
             else:
                 joined.append((seq, cache))
+        self._waiting.extendleft(reversed(blocked))
         if joined:
             self._join_batch(joined)
 

@@ -90,7 +90,9 @@ class ModelCatalog:
     def cards(self) -> list[ModelCard]:
         bases = [ModelCard(id=base_id, created=_created(engine)) for base_id, engine in self.engines.items()]
         adapters = list(self.adapters.cards()) if self.adapters is not None else []
-        return bases + adapters
+        # only adapters this daemon can serve: on one of its bases, and never shadowing a base's own id
+        servable = [c for c in adapters if c.parent in self.engines and c.id not in self.engines]
+        return bases + servable
 
 
 def _created(engine: Engine) -> int:

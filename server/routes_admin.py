@@ -17,9 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.names import parse_model_name, validate_name
 from adapters.registry import Registry, VersionInfo
-from server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, to_api_error
 from server.routes_openai import read_json
 
 
@@ -58,21 +59,46 @@ def _base_for(request: Request, base_id: str | None):
     return engines[base_id]
 
 
-async def _register(request: Request, name: str, path: str, promote: bool, base_id: str | None) -> VersionInfo:
+async def _register(
+    request: Request,
+    name: str,
+    path: str,
+    promote: bool,
+    base_id: str | None,
+    params: tuple[str, str] = ("name", "path"),
+) -> VersionInfo:
+    """Register ``path`` as the next version of ``name``. ``params`` are the body fields holding the name and
+    the path (vLLM's form calls them ``lora_name``/``lora_path``): errors name the field the caller got wrong."""
+    name_param, path_param = params
     registry = _registry(request)
+    try:  # the name first: `../evil` is refused as a name whatever the path
+        validate_name(name)
+    except InvalidAdapterName as exc:
+        raise InvalidRequest(str(exc), param=name_param, code=exc.code) from exc
+    if name in request.app.state.solverx.catalog.engines:
+        # A base id wins model-name resolution, so such an adapter could never be selected by name, and
+        # /v1/models would list the id twice.
+        raise InvalidRequest(
+            f"`{name}` is the id of a base model served here; choose another adapter name.",
+            param=name_param,
+            code="invalid_name",
+        )
     source = Path(path).expanduser()
     if not source.is_dir():
-        raise InvalidRequest(f"No adapter directory at `{path}`.", param="path")
+        raise InvalidRequest(f"No adapter directory at `{path}`.", param=path_param)
     engine = _base_for(request, base_id)
-    return await run_in_threadpool(
-        registry.register,
-        source,
-        validate_name(name),
-        base_id=engine.base_id,
-        base_dir=engine.model_dir,
-        stage="imported",
-        promote=promote,
-    )
+    try:
+        return await run_in_threadpool(
+            registry.register,
+            source,
+            name,
+            base_id=engine.base_id,
+            base_dir=engine.model_dir,
+            stage="imported",
+            promote=promote,
+        )
+    except AdapterError as exc:  # a refused adapter is the fault of the files at `path`, not of a `model` field
+        raise to_api_error(exc, param=path_param) from exc
 
 
 async def register_adapter(request: Request) -> Response:
@@ -90,7 +116,8 @@ async def register_adapter(request: Request) -> Response:
 async def load_lora_adapter(request: Request) -> Response:
     """vLLM's form: ``{"lora_name", "lora_path"}`` registers and promotes."""
     body = await read_json(request, request.app.state.solverx.max_body_bytes)
-    info = await _register(request, _field(body, "lora_name", str), _field(body, "lora_path", str), True, None)
+    name, path = _field(body, "lora_name", str), _field(body, "lora_path", str)
+    info = await _register(request, name, path, True, None, params=("lora_name", "lora_path"))
     return JSONResponse(_version_dict(info), status_code=201)
 
 
