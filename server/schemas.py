@@ -64,6 +64,7 @@ class GenerationOptions:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """Engine settings; ``default_max_tokens`` applies when the request set no limit."""
@@ -73,6 +74,7 @@ class GenerationOptions:
             max_tokens=self.max_tokens or default_max_tokens,
             stop=self.stop,
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -248,6 +250,7 @@ def _options(fields: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Gener
         stop=_stop(fields.get("stop")),
         seed=_seed(fields),
         stream=stream,
+        ignore_eos=_boolean(fields, "ignore_eos") or False,
         include_usage=include_usage,
     )
 

@@ -178,7 +178,9 @@ def test_streamed_text_completion(server, client, openapi):
 
 
 def test_stop_strings(client):
+    # ignore_eos (vLLM's extension) makes the text long enough to cut, whatever the tiny model prefers to say
     settings = {"model": MODEL, "prompt": "def main():\n", "max_tokens": 24, "temperature": 0}
+    settings["extra_body"] = {"ignore_eos": True}
     text = client.completions.create(**settings).choices[0].text
     stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip())
     expected = text[: text.find(stop)]
