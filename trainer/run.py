@@ -113,7 +113,7 @@ def run_training(
 
     stages: list[StageResult] = []
     previous: Path | None = None
-    cpt_version: VersionInfo | None = None
+    cpt_result: StageResult | None = None
     for stage in options.stages:
         iters = recipe.train.cpt_iters if stage == "cpt" else recipe.train.sft_iters
         has_data = result.cpt_texts if stage == "cpt" else (result.sft_records or recipe.identity.name)
@@ -124,12 +124,8 @@ def run_training(
         stage_result = _train(stage, base_dir, run_dir, result, recipe, options, previous, log, on_progress)
         stages.append(stage_result)
         previous = stage_result.adapter_dir
-        if stage == "cpt" and options.register and "sft" in options.stages:
-            cpt_version = registry.register(
-                previous, adapter, base_id=recipe.base, base_dir=base_dir, stage="cpt",
-                data_hash=snap.content_hash, recipe=recipe.to_dict(), status="candidate",
-            )  # fmt: skip
-            log.write("registered", stage="cpt", version=cpt_version.version)
+        if stage == "cpt":
+            cpt_result = stage_result
     if previous is None:
         raise RunRefused("nothing to train: no stage had both data and iterations")
 
@@ -140,6 +136,15 @@ def run_training(
     log.write("evaluated", passed=report.passed, reasons=report.reasons, scores=_rates(report))
 
     version = None
+    cpt_version: VersionInfo | None = None
+    if options.register and cpt_result is not None and stages[-1] is not cpt_result:
+        # The CPT adapter (the SFT stage's parent) is registered only now, after the whole run succeeded: a run
+        # killed or failing during SFT or eval must leave no version behind, not an orphaned CPT candidate.
+        cpt_version = registry.register(
+            cpt_result.adapter_dir, adapter, base_id=recipe.base, base_dir=base_dir, stage="cpt",
+            data_hash=snap.content_hash, recipe=recipe.to_dict(), status="candidate",
+        )  # fmt: skip
+        log.write("registered", stage="cpt", version=cpt_version.version)
     if options.register:
         info = registry.register(
             previous, adapter, base_id=recipe.base, base_dir=base_dir,
