@@ -132,11 +132,12 @@ async def health(request: Request) -> Response:
     """Liveness plus the load the engines carry (``running`` drops to 0 as soon as clients are gone)."""
     state: ServerState = request.app.state.solverx
     engines = state.engines
-    healthy = all(e.alive for e in engines)
+    healthy = all(e.alive or e.paused for e in engines)
     return JSONResponse(
         {
             "status": "ok" if healthy else "degraded",
             "models": list(state.catalog.engines),
+            "paused": [e.base_id for e in engines if e.paused],  # unloaded while an exclusive training run runs
             "running": sum(e.stats.running for e in engines),
             "waiting": sum(e.stats.waiting for e in engines),
             "uptime_s": round(time.time() - state.started_at, 1),

@@ -63,6 +63,17 @@ class AdapterUnusable(EngineError):
 class EngineStopped(EngineError):
     code = "engine_unavailable"
     status = 503
+    retry_after: int | None = None
+
+
+class EnginePaused(EngineStopped):
+    """The base is unloaded while a training run needs its memory; clients should retry later."""
+
+    code = "model_paused"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -142,11 +153,15 @@ class Engine:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._stopped = False
+        self._paused: tuple[str, int] | None = None  # (why, retry-after seconds) while unloaded for training
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> Engine:
         """Load the model on the engine thread and wait until it is ready (re-raises load errors)."""
+        self._stopped = False
+        self._ready.clear()
+        self._load_error = None
         self._thread = threading.Thread(target=self._run, name="solverx-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -164,6 +179,25 @@ class Engine:
         self._inbox.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.model = None  # let the weights go: a paused base must give its memory to training
+        self.slots = None
+
+    def pause(self, why: str, retry_after: int) -> None:
+        """Unload the model so a training run can have its memory; requests get 503 with Retry-After meanwhile.
+
+        Sequences already running are ended (they were told the engine stopped); the base stays listed.
+        """
+        self._paused = (why, retry_after)
+        self.stop()
+
+    def resume(self) -> None:
+        """Load the model again after :meth:`pause`; requests are served as before."""
+        self.start()
+        self._paused = None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused is not None
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
@@ -183,6 +217,9 @@ class Engine:
         self, prompt_tokens: list[int], params: SamplingParams, adapter: AdapterRef | None = None
     ) -> AsyncIterator[Delta]:
         """Stream the completion of ``prompt_tokens``. Leaving the iteration early frees the batch slot."""
+        if self._paused is not None:
+            why, retry_after = self._paused
+            raise EnginePaused(f"{self.base_id} is paused: {why}; retry in about {retry_after} s", retry_after)
         if self._stopped:
             raise EngineStopped("the engine is shutting down")
         if not prompt_tokens:

@@ -179,7 +179,9 @@ def to_api_error(exc: BaseException, param: str | None = None) -> APIError:
     if code == "context_length_exceeded":
         return ContextLengthExceeded(str(exc), param=param)
     cls = _CLASS_BY_STATUS.get(status, InvalidRequest)
-    return cls(str(exc), param=param or _PARAM_BY_CODE.get(code), code=code)
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return cls(str(exc), param=param or _PARAM_BY_CODE.get(code), code=code, headers=headers)
 
 
 def _from_http_exception(exc: HTTPException) -> APIError:

@@ -20,6 +20,7 @@ from adapters.registry import Registry
 from server.adapter_source import RegistryAdapterSource
 from server.app import ServerState, create_app
 from server.engine import Engine, EngineConfig
+from server.exclusive import exclusive_training
 from server.models import ModelCatalog
 from solverx.config import Settings
 from solverx.paths import StateDirs, state_dirs
@@ -67,7 +68,13 @@ def _run_settings(settings: Settings, base_dir: str | Path | None) -> None:
     dirs = state_dirs(settings.home)
     state = _state(dirs, bases, engine_config)
     state.training = TrainingManager(
-        dirs, state.registry, debounce_s=settings.train_debounce_seconds, schedule=settings.train_schedule
+        dirs,
+        state.registry,
+        debounce_s=settings.train_debounce_seconds,
+        schedule=settings.train_schedule,
+        exclusive=exclusive_training(
+            state.catalog.engines, dirs, settings.training_exclusive, settings.max_resident_adapters
+        ),
     )
     state.max_body_bytes = settings.max_body_bytes
     state.max_tokens_cap = settings.max_tokens_cap

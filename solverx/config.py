@@ -91,9 +91,7 @@ def default_config_path() -> Path:
 
 SETTINGS_FIELDS: tuple[SettingField, ...] = (
     SettingField("host", "string", "127.0.0.1", "address to listen on; keep loopback unless api_key is set"),
-    SettingField(
-        "port", "integer", 8080, "TCP port to listen on (0 picks a free one)", minimum=0, maximum=65535
-    ),
+    SettingField("port", "integer", 8080, "TCP port to listen on (0 picks a free one)", minimum=0, maximum=65535),
     SettingField(
         "api_key",
         "string or none",
@@ -102,17 +100,11 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     ),
     SettingField("home", "path", default_home, "state dir: models, adapters, inbox, runs, logs"),
     SettingField("default_model", "string", "solverx-tiny", "model used when a request names none"),
-    SettingField(
-        "base_models", "list", ("solverx-tiny",), "base model ids or dirs to serve (comma-separated)"
-    ),
+    SettingField("base_models", "list", ("solverx-tiny",), "base model ids or dirs to serve (comma-separated)"),
     SettingField("max_resident_adapters", "integer", 8, "adapters kept in memory at once (LRU)", minimum=1),
     SettingField("max_adapter_bytes", "size", 512 * MiB, "largest adapter accepted, e.g. 512MiB", minimum=1),
-    SettingField(
-        "train_schedule", "cron or none", None, "5-field cron schedule for training runs, e.g. '0 3 * * *'"
-    ),
-    SettingField(
-        "train_debounce_seconds", "number", 10.0, "quiet time after inbox changes before training", minimum=0
-    ),
+    SettingField("train_schedule", "cron or none", None, "5-field cron schedule for training runs, e.g. '0 3 * * *'"),
+    SettingField("train_debounce_seconds", "number", 10.0, "quiet time after inbox changes before training", minimum=0),
     SettingField(
         "training_exclusive",
         "choice",
@@ -162,9 +154,7 @@ def load_settings(
 
     for field in SETTINGS_FIELDS:
         if field.name != "config":
-            values[field.name], sources[field.name] = _resolve(
-                field, flags, env, file_values, values["config"]
-            )
+            values[field.name], sources[field.name] = _resolve(field, flags, env, file_values, values["config"])
     return Settings(**values), sources
 
 
@@ -238,9 +228,7 @@ def _convert(field: SettingField, raw: Any, source: str, *, base_dir: Path) -> A
     """Turn a flag/env string or a TOML value into the setting's type, or raise a ConfigError naming both."""
     where = _where(field, source)
     from_text = isinstance(raw, str) and not source.startswith("config file")
-    if field.optional and (
-        raw == "" or (field.type == "cron or none" and str(raw).lower() in ("none", "off"))
-    ):
+    if field.optional and (raw == "" or (field.type == "cron or none" and str(raw).lower() in ("none", "off"))):
         return None
     converter = _CONVERTERS[field.type.removesuffix(" or none")]
     try:

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -53,6 +54,9 @@ class TrainingManager:
     rescan_s: float = 60.0
     schedule: str | None = None  # a 5-field crontab: train every changed inbox at those times
     watch: bool = True
+    exclusive: Callable[[str], contextlib.AbstractAsyncContextManager] | None = None
+    """Per adapter: a context the run executes in; the daemon pauses the adapter's base in it when training
+    and serving would not fit in memory together (see server.serve)."""
     _queue: deque[Queued] = field(default_factory=deque, init=False)
     _running: tuple[Queued, asyncio.subprocess.Process] | None = field(default=None, init=False)
     _starting: Queued | None = field(default=None, init=False)  # off the queue, its child not spawned yet
@@ -181,23 +185,25 @@ class TrainingManager:
             args.append("--no-replay")
         log.info("training %s (%s), run %s", entry.adapter, entry.reason, entry.run_id)
         output_path = self.dirs.runs / entry.run_id / CHILD_OUTPUT
-        self._starting = entry
-        try:
-            with output_path.open("ab") as output:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "trainer.child", *args,
-                    cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
-                )  # fmt: skip
-        finally:
-            self._starting = None
-        self._running = (entry, process)
-        if entry.run_id in self._cancelled:  # cancelled while the child was being spawned
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        try:
-            await process.wait()
-        finally:
-            self._running = None
+        context = self.exclusive(entry.adapter) if self.exclusive else contextlib.nullcontext()
+        async with context:  # pauses the base first when training and serving do not fit together
+            self._starting = entry
+            try:
+                with output_path.open("ab") as output:
+                    process = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "trainer.child", *args,
+                        cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
+                    )  # fmt: skip
+            finally:
+                self._starting = None
+            self._running = (entry, process)
+            if entry.run_id in self._cancelled:  # cancelled while the child was being spawned
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+            try:
+                await process.wait()
+            finally:
+                self._running = None
         if entry.run_id in self._cancelled:
             self._cancelled.discard(entry.run_id)
             RunLog(self.dirs.runs / entry.run_id).write("finished", state="cancelled")
