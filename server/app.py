@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from adapters.errors import AdapterError
 from adapters.registry import Registry
 from server import dashboard, routes_admin, routes_openai, routes_training
+from server.dashboard import PUBLIC_PATHS
 from server.engine import Engine, EngineError
 from server.errors import APIError, AuthenticationError, handle_disconnect, handle_error, handle_unexpected
 from server.logs import RequestContext, install_access_log
@@ -49,7 +50,7 @@ class ServerState:
     default_model: str | None = None
     """The model used when a request names none; None makes ``model`` required, as OpenAI does."""
     api_key: str | None = None
-    """When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>`` (``/health`` stays open)."""
+    """When set, every route but the dashboard's static shell requires ``Authorization: Bearer <api_key>``."""
     registry: Registry | None = None
     """The adapter store; None serves bases only."""
     training: TrainingManager | None = None
@@ -111,7 +112,11 @@ def create_app(state: ServerState) -> Starlette:
 
 
 class RequireAPIKey:
-    """Refuse ``/v1/*`` requests without the configured bearer key, before any body is read."""
+    """Refuse every request without the configured bearer key, before any body is read.
+
+    Only the dashboard's static shell (``dashboard.PUBLIC_PATHS``: HTML, JS, CSS, no data) is served without it,
+    so a browser can load the page that then asks for the key.
+    """
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
@@ -119,7 +124,7 @@ class RequireAPIKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = self.state.api_key
-        if key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if key and scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 error = AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")

@@ -45,7 +45,7 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-_ASSETS = {  # URL path → (file, media type): the only files served from STATIC_DIR
+_ASSETS = {  # URL path → (file, media type): the only files served from STATIC_DIR, and served without a key
     "/": ("dashboard.html", "text/html; charset=utf-8"),
     "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
@@ -55,6 +55,8 @@ _ASSETS = {  # URL path → (file, media type): the only files served from STATI
 async def asset(request: Request) -> Response:
     name, media_type = _ASSETS[request.url.path]
     return FileResponse(STATIC_DIR / name, media_type=media_type, headers=_PAGE_HEADERS)
+
+PUBLIC_PATHS = frozenset(_ASSETS)  # no data in them: the page asks for the API key, then calls the API with it
 
 
 def _dirs(request: Request) -> StateDirs:

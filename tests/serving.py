@@ -102,7 +102,8 @@ def _wait_ready(daemon: Daemon) -> None:
         if daemon.process.poll() is not None:
             raise RuntimeError(f"the server exited with {daemon.process.returncode}:\n{_tail(daemon)}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(daemon.base_url + "/health", timeout=2).status_code == 200:
+            # uvicorn binds only after startup, so any answer means ready (401: an API key is configured)
+            if httpx.get(daemon.base_url + "/health", timeout=2).status_code in (200, 401):
                 return
         time.sleep(0.1)
     raise RuntimeError(f"the server did not answer /health within {START_TIMEOUT_S:.0f} s:\n{_tail(daemon)}")

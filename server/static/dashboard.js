@@ -135,7 +135,7 @@
 
   async function loadHealth() {
     try {
-      const response = await fetch("/health", { cache: "no-store" });
+      const response = await api("/health", { cache: "no-store" });
       const health = await response.json();
       const badge = $("health");
       badge.textContent = health.status;
