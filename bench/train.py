@@ -56,7 +56,8 @@ def worker_ours(model_dir: Path, iters: int) -> dict:
     from mlx_lm import load
 
     from trainer.datasets import MixedDataset, Sample, SequenceDataset, mixed_batches
-    from trainer.train import LoRASettings, StageSettings, train_stage
+    from trainer.recipe import LoraSettings
+    from trainer.train import StageSettings, train_stage
 
     model, tokenizer = load(str(model_dir))
     samples = [Sample(tokens, 0, "bench", "cpt") for tokens in _chunks(tokenizer)]
@@ -65,7 +66,7 @@ def worker_ours(model_dir: Path, iters: int) -> dict:
         iters=iters, batch_size=BATCH, learning_rate=LR, max_seq_length=MAX_LEN, steps_per_report=iters
     )
     with tempfile.TemporaryDirectory() as out:
-        lora = LoRASettings(rank=RANK, scale=SCALE)
+        lora = LoraSettings(rank=RANK, scale=SCALE)
         result = train_stage(model, "cpt", Path(out), train_set, None, lora, settings, batches=mixed_batches)
     return {"tokens": result.trained_tokens, "seconds": result.seconds}
 

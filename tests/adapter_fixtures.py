@@ -75,7 +75,8 @@ def train_adapter(model_dir: Path, out_dir: Path, theme: str, *, iters: int = IT
         return out_dir
     from mlx_lm import load
 
-    from trainer.train import LoRASettings, StageSettings, train_stage
+    from trainer.recipe import LoraSettings
+    from trainer.train import StageSettings, train_stage
 
     model, tokenizer = load(str(model_dir))
     samples = chat_samples(tokenizer, THEMES[theme])
@@ -86,7 +87,7 @@ def train_adapter(model_dir: Path, out_dir: Path, theme: str, *, iters: int = IT
         out_dir,
         samples,
         None,
-        LoRASettings(rank=RANK, scale=20.0),
+        LoraSettings(rank=RANK, scale=20.0),
         StageSettings(
             iters=iters, batch_size=4, learning_rate=5e-3, max_seq_length=256, steps_per_report=iters, seed=seed
         ),

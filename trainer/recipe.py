@@ -62,10 +62,10 @@ class LoraSettings:
 
     def as_mlx_config(self) -> dict[str, Any]:
         """The ``lora_parameters`` dict mlx-lm's ``linear_to_lora_layers`` and ``adapter_config.json`` expect."""
-        config: dict[str, Any] = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
-        if self.keys is not None:
-            config["keys"] = list(self.keys)
-        return config
+        from adapters.lora import DEFAULT_KEYS  # every projection of a block unless the recipe narrows it
+
+        keys = self.keys if self.keys is not None else DEFAULT_KEYS
+        return {"rank": self.rank, "scale": self.scale, "dropout": self.dropout, "keys": list(keys)}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from trainer.evaluate import (
 from trainer.inbox import InboxChanged, copy_snapshot, snapshot
 from trainer.recipe import Recipe
 from trainer.runlog import RunLog
-from trainer.train import LoRASettings, Progress, StageResult, StageSettings, train_stage
+from trainer.train import Progress, StageResult, StageSettings, train_stage
 from trainer.validate import IngestResult, format_ingest_report, ingest, quarantine_dir_for
 
 GENERAL_DIR = DATA_DIR / "general"
@@ -192,13 +192,6 @@ def _train(
         if on_progress is not None:
             on_progress(p)
 
-    lora = LoRASettings(
-        rank=recipe.lora.rank,
-        scale=recipe.lora.scale,
-        dropout=recipe.lora.dropout,
-        num_layers=recipe.lora.num_layers,
-        **({"keys": tuple(recipe.lora.keys)} if recipe.lora.keys else {}),
-    )
     settings = StageSettings(
         iters=recipe.train.cpt_iters if stage == "cpt" else recipe.train.sft_iters,
         batch_size=recipe.train.batch_size,
@@ -208,7 +201,7 @@ def _train(
     )
     valid = data.valid if len(data.valid) >= settings.batch_size else None
     return train_stage(
-        model, stage, run_dir / stage, data.train, valid, lora, settings,
+        model, stage, run_dir / stage, data.train, valid, recipe.lora, settings,
         resume_from=resume_from, batches=mixed_batches, on_progress=progress,
     )  # fmt: skip
 

@@ -23,19 +23,8 @@ from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches
 from mlx_lm.tuner.trainer import train as mlx_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_KEYS
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
-    num_layers: int = -1  # -1: every layer
-    keys: tuple[str, ...] = DEFAULT_KEYS
-
-    def as_mlx(self) -> dict:
-        return {"rank": self.rank, "scale": self.scale, "dropout": self.dropout, "keys": list(self.keys)}
+from adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from trainer.recipe import LoraSettings
 
 
 @dataclass(frozen=True)
@@ -77,9 +66,7 @@ class StageResult:
 
 
 class _Reporter(TrainingCallback):
-    def __init__(
-        self, stage: str, total: int, result: StageResult, on_progress: Callable[[Progress], None] | None
-    ):
+    def __init__(self, stage: str, total: int, result: StageResult, on_progress: Callable[[Progress], None] | None):
         self.stage, self.total, self.result, self.on_progress = stage, total, result, on_progress
         self.started = time.perf_counter()
 
@@ -90,22 +77,18 @@ class _Reporter(TrainingCallback):
         elapsed = time.perf_counter() - self.started
         eta = elapsed / step * (self.total - step) if step else 0.0
         if self.on_progress:
-            self.on_progress(
-                Progress(self.stage, step, self.total, loss, float(info["tokens_per_second"]), eta)
-            )
+            self.on_progress(Progress(self.stage, step, self.total, loss, float(info["tokens_per_second"]), eta))
 
     def on_val_loss_report(self, info: dict) -> None:
         self.result.val_losses.append((int(info["iteration"]), float(info["val_loss"])))
 
 
-def write_adapter_config(
-    adapter_dir: Path, lora: LoRASettings, num_layers: int, extra: dict | None = None
-) -> None:
+def write_adapter_config(adapter_dir: Path, lora: LoraSettings, num_layers: int, extra: dict | None = None) -> None:
     """The ``adapter_config.json`` mlx-lm's loader and fuser expect."""
     config = {
         "fine_tune_type": "lora",
         "num_layers": num_layers,
-        "lora_parameters": lora.as_mlx(),
+        "lora_parameters": lora.as_mlx_config(),
         **(extra or {}),
     }
     (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
@@ -117,7 +100,7 @@ def train_stage(
     out_dir: Path,
     train_set: Iterable,
     valid_set: Iterable | None,
-    lora: LoRASettings,
+    lora: LoraSettings,
     settings: StageSettings,
     *,
     resume_from: Path | None = None,
@@ -131,7 +114,7 @@ def train_stage(
     mx.random.seed(settings.seed)
     num_layers = len(model.layers) if lora.num_layers < 0 else lora.num_layers
     model.freeze()
-    linear_to_lora_layers(model, num_layers, lora.as_mlx())
+    linear_to_lora_layers(model, num_layers, lora.as_mlx_config())
     if resume_from is not None:
         model.load_weights(str(Path(resume_from) / ADAPTER_WEIGHTS), strict=False)
     out_dir.mkdir(parents=True, exist_ok=True)
