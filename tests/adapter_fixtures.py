@@ -118,7 +118,8 @@ def trained_adapters(model_dir: Path, root: Path) -> TrainedAdapters:
 
 def mlx_lm_greedy(model_dir: Path, adapter_dir: Path | None, prompts, max_tokens: int) -> list[str]:
     """The reference: mlx-lm's own LoRA layers (``load(..., adapter_path=)``) and its own greedy decoding of each
-    prompt as a one-turn chat, stopped where the server stops (EOS or a chat-control token)."""
+    prompt as a one-turn chat, stopped where the server stops (EOS or a chat-control token), turned into text by
+    mlx-lm's streaming detokenizer as ``mlx_lm.generate`` and ``mlx_lm.server`` do."""
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
@@ -137,7 +138,11 @@ def mlx_lm_greedy(model_dir: Path, adapter_dir: Path | None, prompts, max_tokens
             if int(token) in stops:
                 break
             out.append(int(token))
-        texts.append(tokenizer.decode(out))
+        detokenizer = tokenizer.detokenizer
+        for token in out:
+            detokenizer.add_token(token)
+        detokenizer.finalize()
+        texts.append(detokenizer.text)
     return texts
 
 

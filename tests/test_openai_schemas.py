@@ -205,7 +205,7 @@ def test_unexpected_exception_is_a_500_without_details(openapi):
         assert listed["data"] == []
 
 
-def test_api_key_guards_the_api_but_not_health(openapi):
+def test_api_key_guards_every_route_but_the_dashboard_shell(openapi):
     app = create_app(ServerState(ModelCatalog({}), api_key="s3cret"))
     with TestClient(app) as client:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -214,4 +214,6 @@ def test_api_key_guards_the_api_but_not_health(openapi):
             openapi("ErrorResponse", refused.json())
             assert refused.json()["error"]["code"] == "invalid_api_key"
         assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert client.get("/health").status_code == 200
+        assert client.get("/health").status_code == 401
+        assert client.get("/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/").status_code == 200  # the page shell: no data, it asks for the key
