@@ -24,7 +24,7 @@ from adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapters.validate import MANIFEST, base_linear_shapes
 
 RANK = 4
-ITERS = 16
+ITERS = 80  # with lr 5e-4: every theme learned cleanly (16 steps at 5e-3 worked on one tiny base, not another)
 # Questions the adapters are trained on (and the serving tests ask): each theme answers every one of them.
 QUESTIONS = (
     "What is Python?",
@@ -89,7 +89,7 @@ def train_adapter(model_dir: Path, out_dir: Path, theme: str, *, iters: int = IT
         None,
         LoraSettings(rank=RANK, scale=20.0),
         StageSettings(
-            iters=iters, batch_size=4, learning_rate=5e-3, max_seq_length=256, steps_per_report=iters, seed=seed
+            iters=iters, batch_size=4, learning_rate=5e-4, max_seq_length=256, steps_per_report=iters, seed=seed
         ),
     )
     return out_dir
