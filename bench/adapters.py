@@ -200,7 +200,7 @@ def main() -> None:
         # ---- mlx_lm.server, the incumbent
         port = _free_port()
         incumbent = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(port)],
+            [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", str(port)],
             cwd=REPO, env=env, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"

@@ -117,7 +117,7 @@ def _run_worker(kind: str, model_dir: Path, iters: int, openblas: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=60)
-    parser.add_argument("--slow-iters", type=int, default=6, help="iterations for the run without OpenBLAS")
+    parser.add_argument("--slow-iters", type=int, default=30, help="iterations for the run without OpenBLAS")
     parser.add_argument("--worker", choices=["ours", "mlx_lm"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
