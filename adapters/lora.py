@@ -109,9 +109,7 @@ class MultiLoRALinear(nn.Module):
         return y + (scale * delta).astype(y.dtype)
 
 
-def wrap_model(
-    model: nn.Module, capacity: int, rank: int = 8, keys: Iterable[str] = DEFAULT_KEYS
-) -> SlotContext:
+def wrap_model(model: nn.Module, capacity: int, rank: int = 8, keys: Iterable[str] = DEFAULT_KEYS) -> SlotContext:
     """Wrap the named projections of every transformer layer once; returns the shared routing context."""
     context = SlotContext()
     keys = tuple(keys)
@@ -191,9 +189,7 @@ class AdapterSlots:
         tensors, scale = _read_adapter(path)
         nbytes = sum(t.nbytes for t in tensors.values())
         if nbytes > self._max_bytes:
-            raise AdapterLoadError(
-                f"adapter {key} needs {nbytes} bytes, over the {self._max_bytes}-byte budget"
-            )
+            raise AdapterLoadError(f"adapter {key} needs {nbytes} bytes, over the {self._max_bytes}-byte budget")
         slot = self._free_slot(nbytes)
         if slot is None:
             return None
@@ -230,9 +226,7 @@ class AdapterSlots:
             if (a is None) != (b is None):
                 raise AdapterLoadError(f"adapter {key}: {path} has only one of lora_a / lora_b")
             if a is not None and (
-                a.shape[0] != layer.in_features
-                or b.shape[1] != layer.out_features
-                or a.shape[1] != b.shape[0]
+                a.shape[0] != layer.in_features or b.shape[1] != layer.out_features or a.shape[1] != b.shape[0]
             ):
                 raise AdapterLoadError(
                     f"adapter {key}: {path} has lora_a {a.shape} / lora_b {b.shape}, "

@@ -56,6 +56,7 @@ async def asset(request: Request) -> Response:
     name, media_type = _ASSETS[request.url.path]
     return FileResponse(STATIC_DIR / name, media_type=media_type, headers=_PAGE_HEADERS)
 
+
 PUBLIC_PATHS = frozenset(_ASSETS)  # no data in them: the page asks for the API key, then calls the API with it
 
 

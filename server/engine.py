@@ -413,10 +413,7 @@ class Engine:
             seq.last_token = token
             if seq.stream.stopped:
                 finish = "stop"
-            elif (
-                seq.generated >= seq.params.max_tokens
-                or len(seq.prompt) + seq.generated >= self.context_length
-            ):
+            elif seq.generated >= seq.params.max_tokens or len(seq.prompt) + seq.generated >= self.context_length:
                 finish = "length"
                 text += seq.stream.finish()
         if finish is not None:

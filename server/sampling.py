@@ -39,9 +39,7 @@ def top_p_filter(logits: mx.array, top_p: float) -> mx.array:
     return mx.where(keep, logits, -mx.inf)
 
 
-def sample_rows(
-    logits: mx.array, rows: list[tuple[SamplingParams, mx.array | None]]
-) -> tuple[mx.array, list]:
+def sample_rows(logits: mx.array, rows: list[tuple[SamplingParams, mx.array | None]]) -> tuple[mx.array, list]:
     """One token per row of ``logits`` (B, V). ``rows[i]`` is (params, random key or None for greedy).
 
     Returns the tokens (B,) and the next key of every row.
