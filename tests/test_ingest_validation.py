@@ -219,7 +219,7 @@ def test_recipe_overrides_defaults(folder: Path, tmp_path: Path) -> None:
     assert recipe.train.learning_rate == 1.0 and isinstance(recipe.train.learning_rate, float)
     assert recipe.train.replay_ratio == 0.1 and recipe.train.batch_size == Recipe().train.batch_size
     assert (recipe.identity.name, recipe.identity.maker) == ("Solvy", "SolverX")
-    assert recipe.lora.as_mlx_config() == {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
+    assert recipe.lora.as_mlx_config() == {"rank": 8, "scale": 5.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
     # Daemon-wide defaults sit under the file's values.
     daemon = Recipe(base="other-base", seed=9)
     assert run_ingest(folder, tmp_path / "q2", defaults=daemon).recipe.seed == 3
