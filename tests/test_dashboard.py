@@ -266,6 +266,8 @@ def test_dashboard_in_chromium(browser, daemon):
     assert browser.find_element(By.ID, "chat-model").get_attribute("value") == MODEL
     browser.find_element(By.ID, "chat-max").clear()
     browser.find_element(By.ID, "chat-max").send_keys("24")
+    browser.find_element(By.ID, "chat-temp").clear()
+    browser.find_element(By.ID, "chat-temp").send_keys("0")  # greedy: the same answer on every machine
     browser.find_element(By.ID, "chat-input").send_keys("What is Python?")
     browser.find_element(By.ID, "chat-send").click()
     answer = find('#chat-log .msg.assistant[data-state="done"], #chat-log .msg.assistant[data-state="error"]')

@@ -452,6 +452,7 @@
     let usage = null;
     try {
       const maxTokens = parseInt($("chat-max").value, 10);
+      const temperature = parseFloat($("chat-temp").value);
       const response = await api("/v1/chat/completions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
@@ -461,6 +462,7 @@
           stream: true,
           stream_options: { include_usage: true },
           ...(maxTokens > 0 ? { max_tokens: maxTokens } : {}),
+          ...(temperature >= 0 ? { temperature } : {}),
         }),
         signal: chat.controller.signal,
       });
@@ -477,6 +479,10 @@
         }
       });
       answer.dataset.state = "done";
+      if (!answerBody.textContent) {
+        // a tiny model may end its answer at once; say so rather than show an empty bubble
+        answer.append(el("span", { class: "note" }, "(the model ended its answer without text)"));
+      }
       chat.history.push({ role: "assistant", content: answerBody.textContent });
       $("chat-stats").textContent = chatStats(usage, started, firstAt);
     } catch (error) {
