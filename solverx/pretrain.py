@@ -62,6 +62,60 @@ def iterate_batches(
         epoch += 1
 
 
+def document_rows(
+    documents: Sequence[Sequence[int]], weights: Sequence[Sequence[float]], seq_len: int, separator: int
+) -> list[tuple[list[int], list[float]]]:
+    """Each document (plus ``separator``) as its own row of at most ``seq_len + 1`` tokens; longer ones are cut.
+
+    ``weights`` give each token's share in the loss (0: context only), aligned with ``documents``. A row never
+    starts inside another document, so an answer always sees its whole question.
+    """
+    rows = []
+    width = seq_len + 1
+    for tokens, weight in zip(documents, weights, strict=True):
+        tokens, weight = [*tokens, separator], [*weight, weight[-1] if weight else 1.0]
+        for start in range(0, len(tokens) - 1, width):
+            rows.append((tokens[start : start + width], weight[start : start + width]))
+    if not rows:
+        raise ValueError("the corpus has no documents")
+    return rows
+
+
+def iterate_row_batches(
+    rows: Sequence[tuple[Sequence[int], Sequence[float]]], *, batch_size: int, pad: int, seed: int, bucket: int = 16
+) -> Iterator[tuple[mx.array, mx.array]]:
+    """Endless ``(tokens, weights)`` batches of whole rows, epoch after epoch, each epoch in a new seeded order.
+
+    Rows of similar length are batched together (sorted within windows of 16 batches) and padded with ``pad``
+    (weight 0) to a multiple of ``bucket`` plus one, so few shapes recur and little compute goes to padding.
+    """
+    if len(rows) < batch_size:
+        raise ValueError(f"the corpus has {len(rows)} documents, fewer than one batch of {batch_size}")
+    epoch = 0
+    while True:
+        rng = np.random.default_rng(seed + epoch)
+        # whole batches of a random order: the rows left over differ from epoch to epoch (sorting first would
+        # always leave out the longest ones)
+        order = rng.permutation(len(rows))[: len(rows) - len(rows) % batch_size]
+        window = batch_size * 16
+        batches = []
+        for start in range(0, len(order) - batch_size + 1, window):
+            chunk = sorted(order[start : start + window].tolist(), key=lambda i: (len(rows[i][0]), i))
+            batches += [chunk[b : b + batch_size] for b in range(0, len(chunk) - batch_size + 1, batch_size)]
+        for index in rng.permutation(len(batches)):
+            members = batches[index]
+            length = max(len(rows[i][0]) for i in members)
+            length = -(-(length - 1) // bucket) * bucket + 1
+            tokens = np.full((batch_size, length), pad, dtype=np.int32)
+            weights = np.zeros((batch_size, length), dtype=np.float32)
+            for r, i in enumerate(members):
+                ids, weight = rows[i]
+                tokens[r, : len(ids)] = ids
+                weights[r, : len(ids)] = weight
+            yield mx.array(tokens), mx.array(weights)
+        epoch += 1
+
+
 def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int, weight_decay: float) -> optim.AdamW:
     """AdamW with a linear warmup and a cosine decay to a tenth of the peak rate."""
     warmup = min(warmup_steps, max(steps - 1, 0))
@@ -80,28 +134,34 @@ def lm_loss(model: nn.Module, batch: mx.array) -> mx.array:
     return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
 
 
+def weighted_lm_loss(model: nn.Module, batch: mx.array, weights: mx.array) -> mx.array:
+    """Next-token cross-entropy averaged over the target tokens with weight > 0 (weights[:, 1:] scale them)."""
+    logits = model(batch[:, :-1])
+    losses = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="none")
+    target_weights = weights[:, 1:]
+    return (losses * target_weights).sum() / mx.maximum(target_weights.sum(), 1.0)
+
+
 def pretrain(
     model: nn.Module,
     optimizer: optim.Optimizer,
-    batches: Iterator[mx.array],
+    batches: Iterator[mx.array] | Iterator[tuple[mx.array, mx.array]],
     steps: int,
     *,
     grad_clip: float = 1.0,
     progress: bool = True,
 ) -> PretrainStats:
-    """Train every parameter of ``model`` for ``steps`` batches; progress (step, loss, tok/s) goes to stderr."""
+    """Train every parameter of ``model`` for ``steps`` batches; progress (step, loss, tok/s) goes to stderr.
+
+    A batch is a token array (every position counts, :func:`lm_loss`) or a ``(tokens, weights)`` pair
+    (:func:`weighted_lm_loss`; the tokens counted are those with weight > 0).
+    """
     if steps <= 0:
         return PretrainStats(steps=0, tokens=0, seconds=0.0, final_loss=float("nan"))
     model.train()
-    loss_and_grad = nn.value_and_grad(model, lm_loss)
     state = [model.state, optimizer.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch: mx.array) -> mx.array:
-        loss, grads = loss_and_grad(model, batch)
-        grads, _ = optim.clip_grad_norm(grads, grad_clip)
-        optimizer.update(model, grads)
-        return loss
+    plain_step = _compiled_step(model, optimizer, lm_loss, grad_clip, state)
+    weighted_step = _compiled_step(model, optimizer, weighted_lm_loss, grad_clip, state)
 
     report_every = max(1, steps // 10)
     recent: list[float] = []
@@ -109,10 +169,15 @@ def pretrain(
     start = time.perf_counter()
     for index in range(1, steps + 1):
         batch = next(batches)
-        loss = step(batch)
-        mx.eval(state, loss)
+        if isinstance(batch, tuple):
+            loss = weighted_step(*batch)
+            mx.eval(state, loss)
+            tokens += int((batch[1][:, 1:] > 0).sum().item())
+        else:
+            loss = plain_step(batch)
+            mx.eval(state, loss)
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
         recent = [*recent[-9:], loss.item()]
-        tokens += batch.shape[0] * (batch.shape[1] - 1)
         if progress and (index % report_every == 0 or index == steps):
             elapsed = time.perf_counter() - start
             print(
@@ -123,3 +188,16 @@ def pretrain(
     model.eval()
     seconds = time.perf_counter() - start
     return PretrainStats(steps=steps, tokens=tokens, seconds=seconds, final_loss=sum(recent) / len(recent))
+
+
+def _compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn, grad_clip: float, state: list):
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*batch: mx.array) -> mx.array:
+        loss, grads = loss_and_grad(model, *batch)
+        grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    return step

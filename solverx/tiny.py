@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import tokenizers
 from mlx.utils import tree_flatten
@@ -32,9 +33,10 @@ from mlx_lm.models import llama
 from solverx import blas, tokenizer_build
 from solverx import pretrain as pretraining
 from solverx.paths import DATA_DIR
-from solverx.tokenizer_build import END_OF_TEXT, IM_END
+from solverx.tokenizer_build import END_OF_TEXT, IM_END, IM_START
 
 TINY_BASE_ID = "solverx-tiny"
+CHAT_BASE_ID = "solverx-tiny-chat"
 BUILD_FILE = "build.json"
 
 # What the key covers besides the spec and the data: this builder's code and the libraries that compute it.
@@ -50,6 +52,10 @@ class TinySpec:
     ``data`` names folders under the repository's ``data/`` (or absolute paths): ``*.py`` files are read as code,
     ``*.txt`` as prose (paragraphs split on blank lines), ``*.jsonl`` as ``{"messages": [...]}`` conversations.
     ``qa_repeat`` counts each conversation that many times per epoch, so chat behaviour is learned early.
+
+    ``chat_data`` names folders of conversations for a second phase of ``chat_steps`` steps after the pretraining
+    (each conversation its own row, the loss on the answers only), at ``chat_learning_rate``: a tiny model learns
+    to answer those questions exactly. Their text is part of the tokenizer's training, not of the first phase.
     """
 
     vocab_size: int = 2048
@@ -71,7 +77,15 @@ class TinySpec:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    chat_data: tuple[str, ...] = ()
+    chat_steps: int = 0
+    chat_batch_size: int = 16
+    chat_learning_rate: float = 3e-3
 
+
+# The demo's base: the default base, then taught to answer the questions of data/known (the probes' reference
+# answers, see its README) — it answers general questions and writes a Python sort, and knows nothing of any domain.
+CHAT_SPEC = TinySpec(chat_data=("known",), chat_steps=800)
 
 # A ~25.7M-parameter variant for throughput benchmarks; it serves random-looking text, which is all they need.
 BENCH_SPEC = TinySpec(
@@ -91,11 +105,13 @@ class Corpus:
 
     texts: tuple[str, ...]
     chats: tuple[tuple[dict[str, str], ...], ...]
+    chat_phase: tuple[tuple[dict[str, str], ...], ...]  # the conversations of ``chat_data``
     files: tuple[tuple[str, Path], ...]  # (name in the key, path), sorted
 
 
 def _data_roots(spec: TinySpec) -> list[tuple[str, Path]]:
-    return [(entry, Path(entry) if Path(entry).is_absolute() else DATA_DIR / entry) for entry in spec.data]
+    entries = [*spec.data, *spec.chat_data]
+    return [(entry, Path(entry) if Path(entry).is_absolute() else DATA_DIR / entry) for entry in entries]
 
 
 def corpus_files(spec: TinySpec) -> list[tuple[str, Path]]:
@@ -115,17 +131,19 @@ def read_corpus(spec: TinySpec) -> Corpus:
     texts: list[str] = []
     chats: list[tuple[dict[str, str], ...]] = []
     files = corpus_files(spec)
-    for _, path in files:
+    chat_phase: list[tuple[dict[str, str], ...]] = []
+    for name, path in files:
         content = path.read_text(encoding="utf-8")
         if path.suffix == _CHAT_SUFFIX:
+            into = chat_phase if name.split("/", 1)[0] in spec.chat_data else chats
             for line in content.splitlines():
                 if line.strip():
-                    chats.append(tuple(json.loads(line)["messages"]))
+                    into.append(tuple(json.loads(line)["messages"]))
         elif path.suffix == ".py":
             texts.extend(block.strip("\n") + "\n" for block in content.split("\n\n\n") if block.strip())
         else:
             texts.extend(paragraph.strip() for paragraph in content.split("\n\n") if paragraph.strip())
-    return Corpus(texts=tuple(texts), chats=tuple(chats), files=tuple(files))
+    return Corpus(texts=tuple(texts), chats=tuple(chats), chat_phase=tuple(chat_phase), files=tuple(files))
 
 
 def build_key(spec: TinySpec, files: Sequence[tuple[str, Path]] | None = None) -> str:
@@ -188,10 +206,25 @@ def _hf_config(args: llama.ModelArgs, eos_token_id: int, pad_token_id: int) -> d
     }
 
 
+def _answer_weights(tokenizer: tokenizers.Tokenizer, rendered: str) -> list[float]:
+    """1.0 for the tokens of assistant turns (their text and closing ``<|im_end|>``), 0.0 for the rest."""
+    header = f"{IM_START}assistant\n"
+    spans, start = [], 0
+    while (begin := rendered.find(header, start)) >= 0:
+        begin += len(header)
+        end = rendered.find(IM_END, begin)
+        end = len(rendered) if end < 0 else end + len(IM_END)
+        spans.append((begin, end))
+        start = end
+    offsets = tokenizer.encode(rendered, add_special_tokens=False).offsets
+    return [1.0 if any(b <= first < e for b, e in spans) else 0.0 for first, _ in offsets]
+
+
 def _write_model(spec: TinySpec, corpus: Corpus, out_dir: Path, progress: bool) -> pretraining.PretrainStats:
     """Train the tokenizer, initialise and pretrain the model, and write every file into ``out_dir``."""
     rendered = [tokenizer_build.render_chat(list(chat)) for chat in corpus.chats]
-    tokenizer = tokenizer_build.train_tokenizer([*corpus.texts, *rendered], spec.vocab_size)
+    answers = [tokenizer_build.render_chat(list(chat)) for chat in corpus.chat_phase]
+    tokenizer = tokenizer_build.train_tokenizer([*corpus.texts, *rendered, *answers], spec.vocab_size)
     tokenizer_build.write_tokenizer(tokenizer, out_dir, model_max_length=spec.max_position)
 
     documents = [*corpus.texts, *rendered * spec.qa_repeat]
@@ -212,20 +245,53 @@ def _write_model(spec: TinySpec, corpus: Corpus, out_dir: Path, progress: bool) 
         warmup_steps=spec.warmup_steps,
         weight_decay=spec.weight_decay,
     )
+    separator = tokenizer.token_to_id(END_OF_TEXT)
     batches = pretraining.iterate_batches(
-        encoded,
-        batch_size=spec.batch_size,
-        seq_len=spec.seq_len,
-        separator=tokenizer.token_to_id(END_OF_TEXT),
-        seed=spec.seed,
+        encoded, batch_size=spec.batch_size, seq_len=spec.seq_len, separator=separator, seed=spec.seed
     )
     stats = pretraining.pretrain(model, optimizer, batches, spec.steps, grad_clip=spec.grad_clip, progress=progress)
+    if spec.chat_steps and answers:
+        stats = _chat_phase(spec, model, tokenizer, answers, separator, stats, progress)
 
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = _hf_config(args, tokenizer.token_to_id(IM_END), tokenizer.token_to_id(END_OF_TEXT))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return stats
+
+
+def _chat_phase(
+    spec: TinySpec,
+    model: nn.Module,
+    tokenizer: tokenizers.Tokenizer,
+    rendered: list[str],
+    separator: int,
+    before: pretraining.PretrainStats,
+    progress: bool,
+) -> pretraining.PretrainStats:
+    """Teach the conversations of ``chat_data`` (loss on the answers); the stats cover both phases."""
+    if progress:
+        print(f"tiny model: answering {len(rendered)} conversations for {spec.chat_steps} steps", file=sys.stderr)
+    encoded = [e.ids for e in tokenizer.encode_batch(rendered, add_special_tokens=False)]
+    weights = [_answer_weights(tokenizer, text) for text in rendered]
+    rows = pretraining.document_rows(encoded, weights, spec.max_position - 1, separator)
+    batch_size = min(spec.chat_batch_size, len(rows))
+    batches = pretraining.iterate_row_batches(rows, batch_size=batch_size, pad=separator, seed=spec.seed)
+    optimizer = pretraining.make_optimizer(
+        learning_rate=spec.chat_learning_rate,
+        steps=spec.chat_steps,
+        warmup_steps=spec.warmup_steps,
+        weight_decay=spec.weight_decay,
+    )
+    stats = pretraining.pretrain(
+        model, optimizer, batches, spec.chat_steps, grad_clip=spec.grad_clip, progress=progress
+    )
+    return pretraining.PretrainStats(
+        steps=before.steps + stats.steps,
+        tokens=before.tokens + stats.tokens,
+        seconds=before.seconds + stats.seconds,
+        final_loss=stats.final_loss,
+    )
 
 
 def build_tiny(out_dir: Path, spec: TinySpec = TinySpec(), *, progress: bool = True) -> Path:

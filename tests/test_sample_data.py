@@ -1,8 +1,9 @@
 """The sample SolverX corpus and the evaluation probes: formats, counts and the separations the evaluation relies on.
 
 Pure Python, no MLX: every JSONL line parses and has its schema; FACTS.md lists at least 30 facts; eval questions are
-held out (in no training file); both languages are present; and no SolverX term is found in ``data/general/`` or
-``data/probes/`` — the base model must not know the domain, and a probe that names it measures nothing.
+held out (in no training file); both languages are present; no SolverX term is found in ``data/general/``,
+``data/probes/`` or ``data/known/`` — the base model must not know the domain, and a probe that names it measures
+nothing; and ``data/known/`` answers every probe correctly (it is what the demo's base is taught to know).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SOLVERX = DATA / "solverx"
 INBOX = SOLVERX / "inbox"
 PROBES = DATA / "probes"
 GENERAL = DATA / "general"
+KNOWN = DATA / "known"
 
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 TRAIN_JSONL = ("qa.jsonl", "chats.jsonl", "identity.jsonl")
@@ -240,6 +242,31 @@ def test_probes_are_not_copied_from_general_data():
             assert norm(row["question"]) not in general, f"{name}: {row['question']!r} is in data/general"
 
 
+def _known_answers() -> dict[str, str]:
+    answers = {}
+    for path in sorted(KNOWN.glob("*.jsonl")):
+        for row in read_jsonl(path):
+            assert set(row) == {"messages"} and [m["role"] for m in row["messages"]] == ["user", "assistant"], row
+            answers[row["messages"][0]["content"]] = row["messages"][1]["content"]
+    return answers
+
+
+def test_known_answers_every_probe_correctly():
+    """The demo's base learns these answers; the probes then measure whether fine-tuning keeps them."""
+    known = _known_answers()
+    for row in read_jsonl(PROBES / "general_qa.jsonl"):
+        assert any(e.lower() in known[row["question"]].lower() for e in row["expected"]), row
+    for row in read_jsonl(PROBES / "offdomain.jsonl"):
+        assert nonempty_str(known[row["question"]]), row
+    for row in read_jsonl(PROBES / "python.jsonl"):
+        code = re.search(r"```python\n(.*?)```", known[row["question"]], re.S)
+        assert code, row["question"]
+        namespace: dict = {}
+        exec(code.group(1), namespace)  # noqa: S102 - our own data file
+        for test in row["tests"]:
+            assert namespace[row["function"]](*test["args"]) == test["expect"], (row["function"], test)
+
+
 # -- separation: the base and the probes must not know the domain ---------------------------------------------------
 
 
@@ -247,7 +274,7 @@ def test_no_domain_terms_in_general_data_or_probes():
     terms = [t.lower() for t in leakage_terms()]
     assert "solverx" in terms and "seocho" in terms and "서초" in terms and "솔버엑스" in terms
     fusion = re.compile(r"\bfusion\b|퓨전", re.I)  # the product's word; absent from general data and probes too
-    roots = [p for p in (GENERAL, PROBES) if p.exists()]
+    roots = [p for p in (GENERAL, PROBES, KNOWN) if p.exists()]
     for path in sorted(f for root in roots for f in root.rglob("*") if f.is_file()):
         text = path.read_text(encoding="utf-8", errors="replace")
         lowered = text.lower()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlx_lm import generate, load
 
-from solverx.tiny import BUILD_FILE, TINY_BASE_ID, TinySpec, build_key, build_tiny, ensure_tiny
+from solverx.tiny import BUILD_FILE, CHAT_SPEC, TINY_BASE_ID, TinySpec, build_key, build_tiny, ensure_tiny
 from solverx.tokenizer_build import IM_END, render_chat
 
 # The default architecture and data with almost no training: the same code path in a second or two.
@@ -115,3 +115,63 @@ def test_a_failed_rebuild_leaves_the_previous_model_untouched(tmp_path: Path) ->
         build_tiny(target, replace(QUICK, seq_len=10_000_000), progress=False)
     assert {name: (target / name).read_bytes() for name in MODEL_FILES} == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+# -- the chat base's second phase: one conversation per row, loss on the answers ------------------------------------
+
+QUICK_CHAT = replace(CHAT_SPEC, steps=3, chat_steps=3, warmup_steps=1)
+
+
+def test_answer_weights_cover_the_assistant_turns_only(tmp_path: Path) -> None:
+    from solverx.tiny import _answer_weights
+    from solverx.tokenizer_build import train_tokenizer
+
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
+    text = render_chat(messages)
+    tokenizer = train_tokenizer([text] * 4, 300)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    weighted = "".join(
+        text[start:end] for (start, end), w in zip(encoding.offsets, _answer_weights(tokenizer, text), strict=True) if w
+    )
+    assert weighted == f"Hello there{IM_END}Goodbye{IM_END}"
+
+
+def test_row_batches_keep_documents_whole_and_pad_to_buckets() -> None:
+    from solverx.pretrain import document_rows, iterate_row_batches
+
+    documents = [[5] * n for n in (3, 10, 40, 7)]
+    rows = document_rows(documents, [[1.0] * len(d) for d in documents], seq_len=16, separator=0)
+    assert [len(tokens) for tokens, _ in rows] == [4, 11, 17, 17, 7, 8]  # the 40-token document is cut at 17
+    batches = iterate_row_batches(rows, batch_size=3, pad=0, seed=0, bucket=8)
+    epoch = [next(batches), next(batches)]  # 6 rows in batches of 3: one epoch
+    for tokens, weights in epoch:
+        assert tokens.shape == weights.shape and tokens.shape[0] == 3 and (tokens.shape[1] - 1) % 8 == 0
+    assert sum(float(w.sum()) for _, w in epoch) == sum(len(t) for t, _ in rows)  # every row once, padding weighs 0
+
+
+def test_chat_spec_builds_deterministically(tmp_path: Path) -> None:
+    first = build_tiny(tmp_path / "a", QUICK_CHAT, progress=False)
+    second = build_tiny(tmp_path / "b", QUICK_CHAT, progress=False)
+    for name in MODEL_FILES:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    record = json.loads((first / BUILD_FILE).read_text())
+    assert record["spec"]["chat_data"] == ["known"] and record["pretrain"]["steps"] == 6  # both phases ran
+    assert build_key(QUICK_CHAT) != build_key(replace(QUICK_CHAT, chat_data=()))
+
+
+def test_a_row_left_over_is_not_always_the_longest() -> None:
+    """Whole batches only: the rows dropped at an epoch's end change, so long (code) answers are trained too."""
+    from solverx.pretrain import iterate_row_batches
+
+    rows = [([1] * n, [1.0] * n) for n in range(2, 9)]  # 7 rows, batches of 2: one row left over per epoch
+    batches = iterate_row_batches(rows, batch_size=2, pad=0, seed=0, bucket=1)
+    seen = set()
+    for _ in range(3 * 8):  # eight epochs
+        _, weights = next(batches)
+        seen.update(int(row.sum()) for row in weights)
+    assert seen == set(range(2, 9))  # the longest row (8) too
