@@ -262,7 +262,7 @@ def test_known_answers_every_probe_correctly():
         code = re.search(r"```python\n(.*?)```", known[row["question"]], re.S)
         assert code, row["question"]
         namespace: dict = {}
-        exec(code.group(1), namespace)  # noqa: S102 - our own data file
+        exec(code.group(1), namespace)  # our own data file
         for test in row["tests"]:
             assert namespace[row["function"]](*test["args"]) == test["expect"], (row["function"], test)
 
