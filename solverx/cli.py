@@ -107,6 +107,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return plan_command(args, _settings(args)[0])
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from solverx import demo
+
+    return demo.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="solverx",
@@ -150,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what the daemon serves and trains")
     add_arguments(status)
     status.set_defaults(handler=_cmd_status)
+
+    demo = commands.add_parser(
+        "demo",
+        help="reproduce the seed's experiment offline (tiny chat base, watch folder, trainer) and write a report",
+    )
+    from solverx.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=_cmd_demo)
 
     tiny = commands.add_parser("build-tiny", help="build the tiny offline base model (solverx-tiny)")
     tiny.add_argument("--home", help="state directory")

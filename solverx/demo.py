@@ -1,0 +1,300 @@
+"""``solverx demo``: the seed's experiment, end to end and offline, through the product's own pipeline.
+
+1. Build (or reuse) the pretrained tiny chat base (:data:`solverx.tiny.CHAT_SPEC`): it answers general questions
+   and writes a Python sort, and knows nothing about SolverX.
+2. For each variant, copy the sample corpus (``data/solverx/inbox``) into the watched folder
+   ``<home>/inbox/<adapter>/`` with a ``recipe.toml``, and run the trainer's child process — the same one
+   ``solverx train --now`` and the daemon start: ingest → CPT → SFT resumed from CPT → eval → gate → register.
+   The variants are the product's default (CPT→SFT with general data mixed in), the same without mixing (the
+   forgetting / "rose-tinted glasses" ablation), CPT only and SFT only (the incremental-learning claim).
+3. Write a report (Markdown + a self-contained HTML page) from the runs' own reports: the seed's three-row
+   table with the real answers, the rates of base and every variant, and which claims reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from solverx.paths import DATA_DIR, REPO_ROOT, StateDirs, resolve_home
+from solverx.report import CANDIDATE, DemoReport, Variant, write_report
+
+SAMPLE_INBOX = DATA_DIR / "solverx" / "inbox"
+MAIN_ADAPTER = "solverx"
+
+
+@dataclass(frozen=True)
+class DemoVariant:
+    suffix: str  # adapter name = MAIN_ADAPTER + suffix
+    title: str
+    replay: bool = True
+    stages: tuple[str, ...] = ("cpt", "sft")
+
+
+VARIANTS = (
+    DemoVariant("", "CPT → SFT with general data mixed in (the product's default)"),
+    DemoVariant("-noreplay", "CPT → SFT without mixing general data (ablation)", replay=False),
+    DemoVariant("-cpt", "CPT only, with mixing (ablation)", stages=("cpt",)),
+    DemoVariant("-sft", "SFT only, with mixing (ablation)", stages=("sft",)),
+)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The training budget of every run; written into each inbox's recipe.toml (the product's recipe defaults)."""
+
+    cpt_iters: int = 200
+    sft_iters: int = 600
+    learning_rate: float = 5e-4
+    batch_size: int = 8
+    max_seq_length: int = 256
+    replay_ratio: float = 0.2
+    rank: int = 16
+    scale: float = 5.0
+    seed: int = 0
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(cpt_iters=60, sft_iters=240)
+TEST = DemoSettings(cpt_iters=30, sft_iters=120)
+
+
+def recipe_toml(base_id: str, settings: DemoSettings, stages: tuple[str, ...]) -> str:
+    """The recipe a user would drop into the inbox; a stage left out of ``stages`` gets 0 iterations."""
+    cpt = settings.cpt_iters if "cpt" in stages else 0
+    sft = settings.sft_iters if "sft" in stages else 0
+    return f"""# Written by `solverx demo`.
+base = "{base_id}"
+seed = {settings.seed}
+
+[lora]
+rank = {settings.rank}
+scale = {settings.scale}
+
+[train]
+cpt_iters = {cpt}
+sft_iters = {sft}
+learning_rate = {settings.learning_rate}
+batch_size = {settings.batch_size}
+max_seq_length = {settings.max_seq_length}
+replay_ratio = {settings.replay_ratio}
+
+[eval]
+min_domain_accuracy = 0.5
+max_leakage_rate = 0.2
+min_retention = 0.8
+"""
+
+
+def stage_inbox(dirs: StateDirs, adapter: str, recipe: str, source: Path = SAMPLE_INBOX) -> Path:
+    """Put the sample corpus and the recipe into ``<home>/inbox/<adapter>/``, as a user would."""
+    inbox = dirs.inbox / adapter
+    inbox.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            shutil.copyfile(path, inbox / path.name)
+    (inbox / "recipe.toml").write_text(recipe, encoding="utf-8")
+    return inbox
+
+
+def ensure_base(dirs: StateDirs, *, cache: Path | None = None, progress: bool = True) -> Path:
+    """The tiny chat base in ``<home>/models``: copied from ``cache`` (a models dir) when built there, else built."""
+    from solverx.tiny import CHAT_BASE_ID, CHAT_SPEC, build_key, ensure_tiny, stored_build_key
+
+    target = dirs.model(CHAT_BASE_ID)
+    if cache is not None and stored_build_key(target) != build_key(CHAT_SPEC):
+        built = ensure_tiny(cache, CHAT_SPEC, base_id=CHAT_BASE_ID, progress=progress)
+        staging = target.with_name(f".{CHAT_BASE_ID}.copy")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(built, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return ensure_tiny(dirs.models, CHAT_SPEC, base_id=CHAT_BASE_ID, progress=progress)
+
+
+# -- one run through the trainer's child process -------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_child(
+    dirs: StateDirs,
+    adapter: str,
+    *,
+    replay: bool = True,
+    label: str = "",
+    say: Callable[[str], None] = _say,
+) -> tuple[str, dict | None, float]:
+    """Train ``adapter`` from its inbox in the trainer's child process (as ``solverx train --now`` does).
+
+    Progress lines go to ``say`` while it runs. Returns the run id, the run's ``finished`` event and the seconds.
+    """
+    from solverx.blas import preload_env
+    from trainer.run import new_run_id
+    from trainer.runlog import read_events
+
+    run_id = new_run_id(adapter)
+    run_dir = dirs.runs / run_id
+    run_dir.mkdir(parents=True)
+    command = [sys.executable, "-m", "trainer.child", "--home", str(dirs.root), "--adapter", adapter]
+    command += ["--run-id", run_id, *([] if replay else ["--no-replay"])]
+    started = time.perf_counter()
+    with (run_dir / "child.log").open("ab") as output:
+        child = subprocess.Popen(command, cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
+    seen, finished, last_report = 0, None, 0.0
+    try:
+        while True:
+            done = child.poll() is not None
+            for event in list(read_events(run_dir, seen)):
+                seen += 1
+                kind = event["event"]
+                elapsed = time.perf_counter() - started
+                if kind == "stage":
+                    say(f"{label}  {event['stage']}: {event['iters']} steps")
+                elif kind == "progress" and (time.monotonic() - last_report > 5 or event["step"] == event["total"]):
+                    last_report = time.monotonic()
+                    say(
+                        f"{label}  {event['stage']} {event['step']}/{event['total']}  loss {event['loss']:.3f}  "
+                        f"{event['tokens_per_second']:.0f} tok/s  eta {event['eta_seconds']:.0f} s  [{elapsed:.0f} s]"
+                    )
+                elif kind == "evaluated":
+                    say(f"{label}  evaluated: {json.dumps(event['scores'])}")
+                elif kind == "finished":
+                    finished = event
+            if done:
+                break
+            time.sleep(0.25)
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
+    return run_id, finished, time.perf_counter() - started
+
+
+def _stage_summaries(run_dir: Path) -> list[dict]:
+    from trainer.runlog import read_events
+
+    stages: dict[str, dict] = {}
+    for event in read_events(run_dir):
+        if event["event"] == "stage":
+            stages[event["stage"]] = {"stage": event["stage"], "iters": event["iters"], "final_loss": None}
+        elif event["event"] == "progress" and event["stage"] in stages:
+            stages[event["stage"]]["final_loss"] = event["loss"]
+    return list(stages.values())
+
+
+def collect_variant(dirs: StateDirs, variant: Variant, finished: dict | None) -> Variant:
+    """Fill ``variant`` from its run directory: the finished event, report.json, loss.png and stage losses."""
+    run_dir = dirs.runs / variant.run_id
+    if finished is None:
+        variant.state, variant.error = "failed", f"the trainer stopped without finishing; see {run_dir / 'child.log'}"
+    else:
+        variant.state = finished["state"]
+        variant.version = finished.get("version")
+        variant.reasons = list(finished.get("reasons") or [])
+        variant.error = finished.get("error")
+    report_file = run_dir / "report.json"
+    if report_file.exists():
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+        variant.passed = bool(report.get("passed"))
+        for model, scores in report["models"].items():
+            name = model if model in ("base", CANDIDATE) else "promoted"
+            variant.rates[name] = {k: scores.get(k) for k in ("domain_accuracy", "retention", "leakage_rate")}
+            variant.answers[name] = scores.get("answers", {})
+    variant.stage_summaries = _stage_summaries(run_dir)
+    variant.loss_png = run_dir / "loss.png" if (run_dir / "loss.png").exists() else None
+    return variant
+
+
+# -- the whole demo ------------------------------------------------------------------------------------------------
+
+
+def run_demo(
+    home: Path,
+    out: Path | None = None,
+    *,
+    quick: bool = False,
+    settings: DemoSettings | None = None,
+    variants: tuple[DemoVariant, ...] = VARIANTS,
+    base_cache: Path | None = None,
+    say: Callable[[str], None] = _say,
+) -> tuple[DemoReport, Path, Path]:
+    """Run every variant through the pipeline in ``home`` and write the report to ``out`` (default
+    ``<home>/demo-report``). Returns the report and the Markdown and HTML paths."""
+    from solverx.tiny import CHAT_BASE_ID
+
+    started = time.perf_counter()
+    settings = settings or (QUICK if quick else FULL)
+    dirs = StateDirs(Path(home).resolve()).create()
+    out = Path(out) if out is not None else dirs.root / "demo-report"
+    say(f"solverx demo: state in {dirs.root}, report to {out}{' (quick)' if quick else ''}")
+    say(f"base model {CHAT_BASE_ID}: building or loading (a few minutes the first time) …")
+    base_dir = ensure_base(dirs, cache=base_cache, progress=True)
+    base_build = json.loads((base_dir / "build.json").read_text())
+    say(f"base model ready: {base_dir} (built in {base_build.get('build_seconds')} s)")
+
+    results: list[Variant] = []
+    main_recipe = ""
+    for index, spec in enumerate(variants, 1):
+        adapter = MAIN_ADAPTER + spec.suffix
+        recipe = recipe_toml(CHAT_BASE_ID, settings, spec.stages)
+        main_recipe = main_recipe or recipe
+        inbox = stage_inbox(dirs, adapter, recipe)
+        label = f"[{index}/{len(variants)}] {adapter}"
+        say(f"{label}: {spec.title} — inbox {inbox}")
+        run_id, finished, seconds = run_child(dirs, adapter, replay=spec.replay, label=label, say=say)
+        variant = Variant(key=adapter, title=spec.title, replay=spec.replay, stages=spec.stages, run_id=run_id)
+        variant.seconds = seconds
+        results.append(collect_variant(dirs, variant, finished))
+        state = variant.state + (f" ({variant.error})" if variant.error else "")
+        say(f"{label}: {state} in {seconds:.0f} s")
+
+    report = DemoReport(
+        base_id=CHAT_BASE_ID,
+        base_build=base_build,
+        variants=results,
+        recipe_toml=main_recipe,
+        quick=quick,
+        seconds=time.perf_counter() - started,
+        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        home=str(dirs.root),
+    )
+    md, page = write_report(report, out)
+    say(f"report: {md}\n        {page}")
+    return report, md, page
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``solverx demo``'s options (the CLI may add its own ``--home``; it is read the same way)."""
+    if not any("--home" in action.option_strings for action in parser._actions):
+        parser.add_argument("--home", help="state directory for the demo (default: <state dir>/demo)")
+    parser.add_argument("--out", help="report directory (default: <home>/demo-report)")
+    parser.add_argument("--quick", action="store_true", help="fewer training steps: ~4x faster, rougher numbers")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point for ``solverx demo [--home DIR] [--out DIR] [--quick]``; returns the exit code."""
+    home = Path(args.home).expanduser() if getattr(args, "home", None) else resolve_home() / "demo"
+    out = Path(args.out).expanduser() if getattr(args, "out", None) else None
+    report, _, _ = run_demo(home, out, quick=bool(getattr(args, "quick", False)))
+    main_run = report.main
+    return 0 if main_run is not None and main_run.ok else 1
+
+
+if __name__ == "__main__":  # python -m solverx.demo [--home DIR] [--out DIR] [--quick]
+    from solverx.blas import ensure_openblas
+
+    ensure_openblas()
+    parser = argparse.ArgumentParser(prog="python -m solverx.demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
