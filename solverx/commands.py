@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -143,52 +142,36 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False) -> int:
     """The same child process the daemon would start, its run log rendered as progress bars."""
-    import subprocess
-
     from tqdm import tqdm
 
-    from solverx.blas import preload_env
-    from solverx.paths import REPO_ROOT, state_dirs
-    from trainer.run import new_run_id
-    from trainer.runlog import read_events
+    from solverx.paths import state_dirs
+    from trainer.foreground import start_child
 
     dirs = state_dirs(settings.home)
     if not (dirs.inbox / adapter).is_dir():
         print(f"solverx: no inbox folder {dirs.inbox / adapter}: put knowledge files there first", file=sys.stderr)
         return 2
-    run_id = new_run_id(adapter)
-    run_dir = dirs.runs / run_id
-    run_dir.mkdir(parents=True)
-    command = [sys.executable, "-m", "trainer.child", "--home", str(dirs.root), "--adapter", adapter]
-    command += ["--run-id", run_id, *(["--no-replay"] if no_replay else [])]
-    with (run_dir / "child.log").open("ab") as output:
-        child = subprocess.Popen(command, cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
-    seen, bar, finished = 0, None, None
+    run = start_child(dirs, adapter, replay=not no_replay)
+    run_id, run_dir = run.run_id, run.run_dir
+    bar, finished = None, None
     try:
-        while True:
-            done = child.poll() is not None
-            for event in list(read_events(run_dir, seen)):
-                seen += 1
-                kind = event["event"]
-                if kind == "ingested":
-                    print(event["report"])
-                elif kind == "stage":
-                    bar = tqdm(total=event["iters"], desc=event["stage"], unit="step")
-                elif kind == "progress" and bar is not None:
-                    bar.update(event["step"] - bar.n)
-                    bar.set_postfix(loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_second']:.0f}")
-                elif kind == "evaluated":
-                    if bar is not None:
-                        bar.close()
-                    print(f"eval: {json.dumps(event['scores'])}")
-                elif kind == "finished":
-                    finished = event
-            if done:
-                break
-            time.sleep(0.2)
+        for event in run.events():
+            kind = event["event"]
+            if kind == "ingested":
+                print(event["report"])
+            elif kind == "stage":
+                bar = tqdm(total=event["iters"], desc=event["stage"], unit="step")
+            elif kind == "progress" and bar is not None:
+                bar.update(event["step"] - bar.n)
+                bar.set_postfix(loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_second']:.0f}")
+            elif kind == "evaluated":
+                if bar is not None:
+                    bar.close()
+                print(f"eval: {json.dumps(event['scores'])}")
+            elif kind == "finished":
+                finished = event
     except KeyboardInterrupt:
-        child.terminate()
-        child.wait()
+        run.cancel()
         print("cancelled; the previous version keeps serving", file=sys.stderr)
         return 130
     if finished is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from solverx.paths import DATA_DIR, REPO_ROOT, StateDirs, resolve_home
+from solverx.paths import DATA_DIR, StateDirs, resolve_home
 from solverx.report import CANDIDATE, DemoReport, Variant, write_report
 
 SAMPLE_INBOX = DATA_DIR / "solverx" / "inbox"
@@ -139,45 +138,27 @@ def run_child(
 
     Progress lines go to ``say`` while it runs. Returns the run id, the run's ``finished`` event and the seconds.
     """
-    from solverx.blas import preload_env
-    from trainer.run import new_run_id
-    from trainer.runlog import read_events
+    from trainer.foreground import start_child
 
-    run_id = new_run_id(adapter)
-    run_dir = dirs.runs / run_id
-    run_dir.mkdir(parents=True)
-    command = [sys.executable, "-m", "trainer.child", "--home", str(dirs.root), "--adapter", adapter]
-    command += ["--run-id", run_id, *([] if replay else ["--no-replay"])]
     started = time.perf_counter()
-    with (run_dir / "child.log").open("ab") as output:
-        child = subprocess.Popen(command, cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
-    seen, finished, last_report = 0, None, 0.0
-    try:
-        while True:
-            done = child.poll() is not None
-            for event in list(read_events(run_dir, seen)):
-                seen += 1
-                kind = event["event"]
-                elapsed = time.perf_counter() - started
-                if kind == "stage":
-                    say(f"{label}  {event['stage']}: {event['iters']} steps")
-                elif kind == "progress" and (time.monotonic() - last_report > 5 or event["step"] == event["total"]):
-                    last_report = time.monotonic()
-                    say(
-                        f"{label}  {event['stage']} {event['step']}/{event['total']}  loss {event['loss']:.3f}  "
-                        f"{event['tokens_per_second']:.0f} tok/s  eta {event['eta_seconds']:.0f} s  [{elapsed:.0f} s]"
-                    )
-                elif kind == "evaluated":
-                    say(f"{label}  evaluated: {json.dumps(event['scores'])}")
-                elif kind == "finished":
-                    finished = event
-            if done:
-                break
-            time.sleep(0.25)
-    except BaseException:
-        child.terminate()
-        child.wait()
-        raise
+    run = start_child(dirs, adapter, replay=replay)
+    finished, last_report = None, 0.0
+    for event in run.events(poll_seconds=0.25):
+        kind = event["event"]
+        elapsed = time.perf_counter() - started
+        if kind == "stage":
+            say(f"{label}  {event['stage']}: {event['iters']} steps")
+        elif kind == "progress" and (time.monotonic() - last_report > 5 or event["step"] == event["total"]):
+            last_report = time.monotonic()
+            say(
+                f"{label}  {event['stage']} {event['step']}/{event['total']}  loss {event['loss']:.3f}  "
+                f"{event['tokens_per_second']:.0f} tok/s  eta {event['eta_seconds']:.0f} s  [{elapsed:.0f} s]"
+            )
+        elif kind == "evaluated":
+            say(f"{label}  evaluated: {json.dumps(event['scores'])}")
+        elif kind == "finished":
+            finished = event
+    run_id = run.run_id
     return run_id, finished, time.perf_counter() - started
 
 

@@ -1,0 +1,61 @@
+"""One training run in the trainer's child process, followed from the caller's process.
+
+``solverx train --now`` and ``solverx demo`` start the same child the daemon starts (``python -m trainer.child``)
+and read its run log as it grows, so what they show is what the daemon would record.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from solverx.blas import preload_env
+from solverx.paths import REPO_ROOT, StateDirs
+from trainer.run import new_run_id
+from trainer.runlog import read_events
+
+
+@dataclass
+class ChildRun:
+    """A started child: its run id and directory, and the process."""
+
+    run_id: str
+    run_dir: Path
+    process: subprocess.Popen
+
+    def events(self, poll_seconds: float = 0.2) -> Iterator[dict]:
+        """The run log's events as they are written, until the child exits; stopping early terminates it."""
+        seen = 0
+        try:
+            while True:
+                done = self.process.poll() is not None
+                for event in list(read_events(self.run_dir, seen)):
+                    seen += 1
+                    yield event
+                if done:
+                    return
+                time.sleep(poll_seconds)
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs (the previous version keeps serving)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+
+
+def start_child(dirs: StateDirs, adapter: str, *, replay: bool = True) -> ChildRun:
+    """Start ``python -m trainer.child`` for ``adapter``'s inbox; its output goes to ``<run>/child.log``."""
+    run_id = new_run_id(adapter)
+    run_dir = dirs.runs / run_id
+    run_dir.mkdir(parents=True)
+    command = [sys.executable, "-m", "trainer.child", "--home", str(dirs.root), "--adapter", adapter]
+    command += ["--run-id", run_id, *([] if replay else ["--no-replay"])]
+    with (run_dir / "child.log").open("ab") as output:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
+    return ChildRun(run_id, run_dir, process)
