@@ -134,10 +134,13 @@ def lm_loss(model: nn.Module, batch: mx.array) -> mx.array:
     return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
 
 
-def weighted_lm_loss(model: nn.Module, batch: mx.array, weights: mx.array) -> mx.array:
-    """Next-token cross-entropy averaged over the target tokens with weight > 0 (weights[:, 1:] scale them)."""
+def weighted_lm_loss(model: nn.Module, batch: mx.array, weights: mx.array, label_smoothing: float = 0.0) -> mx.array:
+    """Next-token cross-entropy averaged over the target tokens with weight > 0 (weights[:, 1:] scale them).
+
+    ``label_smoothing`` keeps a memorizing model from becoming certain: its loss on text it never saw stays finite.
+    """
     logits = model(batch[:, :-1])
-    losses = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="none")
+    losses = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="none", label_smoothing=label_smoothing)
     target_weights = weights[:, 1:]
     return (losses * target_weights).sum() / mx.maximum(target_weights.sum(), 1.0)
 
@@ -149,6 +152,7 @@ def pretrain(
     steps: int,
     *,
     grad_clip: float = 1.0,
+    label_smoothing: float = 0.0,
     progress: bool = True,
 ) -> PretrainStats:
     """Train every parameter of ``model`` for ``steps`` batches; progress (step, loss, tok/s) goes to stderr.
@@ -161,7 +165,8 @@ def pretrain(
     model.train()
     state = [model.state, optimizer.state]
     plain_step = _compiled_step(model, optimizer, lm_loss, grad_clip, state)
-    weighted_step = _compiled_step(model, optimizer, weighted_lm_loss, grad_clip, state)
+    weighted_loss = partial(weighted_lm_loss, label_smoothing=label_smoothing)
+    weighted_step = _compiled_step(model, optimizer, weighted_loss, grad_clip, state)
 
     report_every = max(1, steps // 10)
     recent: list[float] = []

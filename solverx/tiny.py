@@ -54,8 +54,9 @@ class TinySpec:
     ``qa_repeat`` counts each conversation that many times per epoch, so chat behaviour is learned early.
 
     ``chat_data`` names folders of conversations for a second phase of ``chat_steps`` steps after the pretraining
-    (each conversation its own row, the loss on the answers only), at ``chat_learning_rate``: a tiny model learns
-    to answer those questions exactly. Their text is part of the tokenizer's training, not of the first phase.
+    (each conversation its own row, the loss on the answers only, at ``chat_learning_rate`` with
+    ``chat_label_smoothing``): a tiny model learns to answer those questions exactly. Their text is part of the
+    tokenizer's training, not of the first phase.
     """
 
     vocab_size: int = 2048
@@ -81,11 +82,15 @@ class TinySpec:
     chat_steps: int = 0
     chat_batch_size: int = 16
     chat_learning_rate: float = 3e-3
+    chat_label_smoothing: float = 0.0
 
 
 # The demo's base: the default base, then taught to answer the questions of data/known (the probes' reference
 # answers, see its README) — it answers general questions and writes a Python sort, and knows nothing of any domain.
-CHAT_SPEC = TinySpec(chat_data=("known",), chat_steps=800)
+# Label smoothing keeps it from becoming certain of its answers: without it the base costs ~15 nats a token on the
+# domain's answers (9 with it) and a LoRA spends its first steps undoing that certainty. Measured: 33/33 general
+# and 9/10 Python probes either way; ~4 min to build on 2 cores.
+CHAT_SPEC = TinySpec(chat_data=("known",), chat_steps=800, chat_label_smoothing=0.1)
 
 # A ~25.7M-parameter variant for throughput benchmarks; it serves random-looking text, which is all they need.
 BENCH_SPEC = TinySpec(
@@ -284,7 +289,13 @@ def _chat_phase(
         weight_decay=spec.weight_decay,
     )
     stats = pretraining.pretrain(
-        model, optimizer, batches, spec.chat_steps, grad_clip=spec.grad_clip, progress=progress
+        model,
+        optimizer,
+        batches,
+        spec.chat_steps,
+        grad_clip=spec.grad_clip,
+        label_smoothing=spec.chat_label_smoothing,
+        progress=progress,
     )
     return pretraining.PretrainStats(
         steps=before.steps + stats.steps,
