@@ -195,10 +195,11 @@ def _replay_findings(report: DemoReport, main: Variant) -> list[Finding]:
     mixed_leak, plain_leak = main.rate(CANDIDATE, "leakage_rate"), plain.rate(CANDIDATE, "leakage_rate")
     out = []
     if mixed_leak is not None and plain_leak is not None:
-        if plain_leak > base_leak and mixed_leak < plain_leak:
+        fixed = mixed_leak <= max(base_leak + 0.1, 0.2)  # back near the base (the default gate allows 20 %)
+        if plain_leak > base_leak and mixed_leak < plain_leak and fixed:
             verdict = "reproduced"
         elif plain_leak > base_leak:
-            verdict = "partly"  # the effect shows, the fix does not
+            verdict = "partly"  # the effect shows; mixing does not fix it (lowering it is not enough)
         else:
             verdict = "not reproduced"
         out.append(
@@ -246,7 +247,7 @@ def _stage_findings(report: DemoReport, main: Variant) -> list[Finding]:
     out = [
         Finding(
             "CPT alone: the model takes in the facts but does not answer questions well",
-            "reproduced" if acc["cpt"] < acc["both"] else "not reproduced",
+            "reproduced" if acc["both"] - acc["cpt"] >= 0.1 else "not reproduced",  # one question is noise
             evidence,
         )
     ]

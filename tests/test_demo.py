@@ -91,6 +91,8 @@ def test_verdicts_follow_the_numbers() -> None:
     report.variants[0].rates[CANDIDATE]["leakage_rate"] = 0.9
     rose = next(f for f in findings(report) if "Rose-tinted" in f.claim)
     assert rose.verdict == "partly" and "90%" in rose.evidence
+    report.variants[0].rates[CANDIDATE]["leakage_rate"] = 0.41  # lower than without mixing (70 %), still far off
+    assert next(f for f in findings(report) if "Rose-tinted" in f.claim).verdict == "partly"
 
     # SFT from scratch as good as CPT→SFT: resuming works but adds nothing measurable.
     report = _report()
@@ -183,11 +185,10 @@ def test_the_base_answers_general_questions_and_knows_nothing_of_the_domain(demo
     assert main.rate(BASE, "domain_accuracy") == 0.0 and main.rate(BASE, "leakage_rate") == 0.0
 
 
-# The seed's claims for the fine-tuned model. Measured on this base, they do not hold yet: the base answers 33/33
-# general and 9/10 Python probes, but it is tuned so hard on its answers that raw domain text costs it ~14 nats a
-# token; LoRA at the test budget (rank 16, lr 5e-4 x scale 5, CPT 30 + SFT 120 steps) ends at SFT loss ~4.6 with
-# domain accuracy 3 % and retention 0 %, and lr 1e-3 x scale 20 diverges (empty answers). Expected failures, to flip
-# when a base holds.
+# The seed's claims for the fine-tuned model do not hold yet on this base (measured with `solverx demo --quick`):
+# the base answers 33/33 general and 9/10 Python probes, but every LoRA run through the pipeline (rank 16, lr 5e-4
+# x scale 5, CPT 60 + SFT 240 steps) ends with domain accuracy 3 % and retention 0 %; mixing lowers leakage (65 % ->
+# 41 %) without fixing it, and lr 1e-3 x scale 20 diverges. Expected failures, to flip when a base holds.
 NOT_AT_THIS_SCALE = pytest.mark.xfail(reason="does not reproduce on the 3.4M-parameter tiny base (measured)")
 
 
