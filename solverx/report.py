@@ -161,7 +161,7 @@ def findings(report: DemoReport) -> list[Finding]:
     domain_base, domain_tuned = main.rate(BASE, "domain_accuracy"), main.rate(CANDIDATE, "domain_accuracy")
     if domain_base is not None and domain_tuned is not None:
         verdict = "reproduced" if domain_tuned >= 0.5 and domain_tuned > domain_base else "partly"
-        if domain_tuned <= domain_base:
+        if domain_tuned - domain_base < 0.1:  # a question or two is noise
             verdict = "not reproduced"
         out.append(
             Finding(
