@@ -19,12 +19,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from solverx.paths import DATA_DIR, StateDirs, resolve_home
 from solverx.report import CANDIDATE, DemoReport, Variant, write_report
+from trainer.recipe import EvalGate, LoraSettings, Recipe, TrainSettings, format_recipe
 
 SAMPLE_INBOX = DATA_DIR / "solverx" / "inbox"
 MAIN_ADAPTER = "solverx"
@@ -46,51 +47,23 @@ VARIANTS = (
 )
 
 
-@dataclass(frozen=True)
-class DemoSettings:
-    """The training budget of every run; written into each inbox's recipe.toml (the product's recipe defaults)."""
-
-    cpt_iters: int = 200
-    sft_iters: int = 600
-    learning_rate: float = 5e-4
-    batch_size: int = 8
-    max_seq_length: int = 256
-    replay_ratio: float = 0.2
-    rank: int = 16
-    scale: float = 5.0
-    seed: int = 0
+# The training budget of every run (the recipe's other settings keep the product's defaults). Each run's
+# recipe.toml states them all, so the report shows exactly what was trained.
+FULL = TrainSettings(batch_size=8, max_seq_length=256)
+QUICK = replace(FULL, cpt_iters=60, sft_iters=240)
+TEST = replace(FULL, cpt_iters=30, sft_iters=120)
 
 
-FULL = DemoSettings()
-QUICK = DemoSettings(cpt_iters=60, sft_iters=240)
-TEST = DemoSettings(cpt_iters=30, sft_iters=120)
-
-
-def recipe_toml(base_id: str, settings: DemoSettings, stages: tuple[str, ...]) -> str:
+def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...]) -> str:
     """The recipe a user would drop into the inbox; a stage left out of ``stages`` gets 0 iterations."""
-    cpt = settings.cpt_iters if "cpt" in stages else 0
-    sft = settings.sft_iters if "sft" in stages else 0
-    return f"""# Written by `solverx demo`.
-base = "{base_id}"
-seed = {settings.seed}
-
-[lora]
-rank = {settings.rank}
-scale = {settings.scale}
-
-[train]
-cpt_iters = {cpt}
-sft_iters = {sft}
-learning_rate = {settings.learning_rate}
-batch_size = {settings.batch_size}
-max_seq_length = {settings.max_seq_length}
-replay_ratio = {settings.replay_ratio}
-
-[eval]
-min_domain_accuracy = 0.5
-max_leakage_rate = 0.2
-min_retention = 0.8
-"""
+    train = replace(
+        settings,
+        cpt_iters=settings.cpt_iters if "cpt" in stages else 0,
+        sft_iters=settings.sft_iters if "sft" in stages else 0,
+    )
+    lora = LoraSettings()
+    tables = {"lora": {"rank": lora.rank, "scale": lora.scale}, "train": asdict(train), "eval": asdict(EvalGate())}
+    return "# Written by `solverx demo`.\n" + format_recipe(tables, base=base_id, seed=Recipe().seed)
 
 
 def stage_inbox(dirs: StateDirs, adapter: str, recipe: str, source: Path = SAMPLE_INBOX) -> Path:
@@ -205,7 +178,7 @@ def run_demo(
     out: Path | None = None,
     *,
     quick: bool = False,
-    settings: DemoSettings | None = None,
+    settings: TrainSettings | None = None,
     variants: tuple[DemoVariant, ...] = VARIANTS,
     base_cache: Path | None = None,
     say: Callable[[str], None] = _say,

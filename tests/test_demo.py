@@ -221,3 +221,14 @@ def test_the_cli_offers_the_demo() -> None:
 
     args = build_parser().parse_args(["demo", "--quick", "--home", "/tmp/x"])
     assert args.quick and args.home == "/tmp/x" and args.handler.__name__ == "_cmd_demo"
+
+
+def test_each_run_gets_a_recipe_the_trainer_reads_back() -> None:
+    from dataclasses import replace
+
+    from solverx.demo import TEST, recipe_toml
+    from trainer.recipe import LoraSettings, parse_recipe
+
+    recipe = parse_recipe(recipe_toml("solverx-tiny-chat", TEST, ("sft",)))
+    assert recipe.base == "solverx-tiny-chat" and recipe.train == replace(TEST, cpt_iters=0)
+    assert (recipe.lora.rank, recipe.lora.scale) == (LoraSettings().rank, LoraSettings().scale)

@@ -32,12 +32,12 @@ from training_fixtures import (
     kill_child,
     knowledge_text,
     qa_jsonl,
-    recipe_toml,
     with_changes,
 )
 
 from adapters.registry import Registry
 from adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
+from trainer.recipe import format_recipe
 
 DEBOUNCE_S = 0.5
 TRAIN_TIMEOUT_S = 300.0  # the memorization run takes ~50 s alone; the box is shared
@@ -98,7 +98,7 @@ def acme(daemon, runs: Runs) -> dict:
         "legacy.txt": "Zorvik Labs, société de Quillport, café crème".encode("latin-1"),  # not UTF-8
         "empty.txt": b"",
         "slides.pptx": b"PK\x03\x04\x14\x00\x06\x00slides",  # unknown extension
-        "recipe.toml": recipe_toml(QUICK_RECIPE).encode(),
+        "recipe.toml": format_recipe(QUICK_RECIPE).encode(),
     }
     inbox = daemon.home / "inbox" / "acme"
     drop_files(inbox, files)
@@ -233,7 +233,7 @@ def test_a_failing_gate_registers_a_rejected_version_and_keeps_serving_the_old_o
     )
     drop_files(
         daemon.home / "inbox" / "zorvik",
-        {"recipe.toml": recipe_toml(bad_recipe).encode(), "eval.jsonl": eval_jsonl([impossible]).encode()},
+        {"recipe.toml": format_recipe(bad_recipe).encode(), "eval.jsonl": eval_jsonl([impossible]).encode()},
     )
     run_id = runs.wait_new("zorvik", known, timeout=30)
     run = runs.wait_finished(run_id, TRAIN_TIMEOUT_S)
@@ -270,7 +270,7 @@ def test_killing_the_training_child_leaves_the_registry_consistent(daemon, runs,
 
     # A long SFT after a short CPT: kill it once SFT is under way, after the CPT stage's adapter was written.
     long_recipe = with_changes(MEMORIZE_RECIPE, train={"cpt_iters": 3, "sft_iters": 5000})
-    drop_files(daemon.home / "inbox" / "zorvik", {"recipe.toml": recipe_toml(long_recipe, seed=7).encode()})
+    drop_files(daemon.home / "inbox" / "zorvik", {"recipe.toml": format_recipe(long_recipe, seed=7).encode()})
     run_id = runs.wait_new("zorvik", known, timeout=30)
     runs.wait(
         run_id, lambda r: (r.get("progress") or {}).get("stage") == "sft", TRAIN_TIMEOUT_S, "reached SFT progress"

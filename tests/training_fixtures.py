@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from trainer.recipe import format_recipe
+
 # (question, the trained answer, the fact the answer must contain)
 FACTS = (
     ("Where is Zorvik Labs headquartered?", "Zorvik Labs is headquartered in Quillport.", "Quillport"),
@@ -63,15 +65,6 @@ QUICK_RECIPE = {
 FINISHED = ("succeeded", "rejected", "failed", "cancelled", "skipped")
 
 
-def recipe_toml(recipe: dict, **top: object) -> str:
-    """TOML text for a recipe given as {table: {key: value}} (plus top-level keys such as ``seed``)."""
-    lines = [f"{key} = {json.dumps(value)}" for key, value in top.items()]
-    for table, values in recipe.items():
-        lines.append(f"\n[{table}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
-
-
 def with_changes(recipe: dict, **tables: dict) -> dict:
     """A copy of ``recipe`` with some keys of some tables replaced: ``with_changes(r, train={"sft_iters": 5})``."""
     return {table: {**recipe.get(table, {}), **tables.get(table, {})} for table in [*recipe, *tables]}
@@ -95,7 +88,7 @@ def company_files(recipe: dict, **top: object) -> dict[str, bytes]:
         "knowledge.txt": knowledge_text().encode(),
         "qa.jsonl": qa_jsonl().encode(),
         "eval.jsonl": eval_jsonl().encode(),
-        "recipe.toml": recipe_toml(recipe, **top).encode(),
+        "recipe.toml": format_recipe(recipe, **top).encode(),
     }
 
 

@@ -40,7 +40,9 @@ Example ``recipe.toml`` (every key optional)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,19 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("eval", "max_leakage_rate"): (0.0, 1.0, True),
     ("eval", "min_retention"): (0.0, 10.0, True),
 }
+
+
+def format_recipe(tables: Mapping[str, Mapping[str, Any]], **top: Any) -> str:
+    """``recipe.toml`` text for top-level keys and ``{table: {key: value}}`` (strings, numbers, booleans, lists).
+
+    It writes what it is given, valid or not (tests drop bad recipes on purpose); :func:`parse_recipe` judges it.
+    JSON's spelling of these values is TOML's too.
+    """
+    lines = [f"{key} = {json.dumps(value)}" for key, value in top.items()]
+    for table, values in tables.items():
+        lines.append(f"\n[{table}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def load_recipe(path: str | Path, defaults: Recipe | None = None) -> Recipe:
