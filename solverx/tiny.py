@@ -211,8 +211,11 @@ def _hf_config(args: llama.ModelArgs, eos_token_id: int, pad_token_id: int) -> d
     }
 
 
-def _answer_weights(tokenizer: tokenizers.Tokenizer, rendered: str) -> list[float]:
-    """1.0 for the tokens of assistant turns (their text and closing ``<|im_end|>``), 0.0 for the rest."""
+def _answer_weights(rendered: str, offsets: Sequence[tuple[int, int]]) -> list[float]:
+    """1.0 for the tokens of assistant turns (their text and closing ``<|im_end|>``), 0.0 for the rest.
+
+    ``offsets`` are the tokens' character spans in ``rendered``, as its tokenizer encoding gives them.
+    """
     header = f"{IM_START}assistant\n"
     spans, start = [], 0
     while (begin := rendered.find(header, start)) >= 0:
@@ -221,7 +224,6 @@ def _answer_weights(tokenizer: tokenizers.Tokenizer, rendered: str) -> list[floa
         end = len(rendered) if end < 0 else end + len(IM_END)
         spans.append((begin, end))
         start = end
-    offsets = tokenizer.encode(rendered, add_special_tokens=False).offsets
     return [1.0 if any(b <= first < e for b, e in spans) else 0.0 for first, _ in offsets]
 
 
@@ -277,8 +279,9 @@ def _chat_phase(
     """Teach the conversations of ``chat_data`` (loss on the answers); the stats cover both phases."""
     if progress:
         print(f"tiny model: answering {len(rendered)} conversations for {spec.chat_steps} steps", file=sys.stderr)
-    encoded = [e.ids for e in tokenizer.encode_batch(rendered, add_special_tokens=False)]
-    weights = [_answer_weights(tokenizer, text) for text in rendered]
+    encodings = tokenizer.encode_batch(rendered, add_special_tokens=False)
+    encoded = [e.ids for e in encodings]
+    weights = [_answer_weights(text, e.offsets) for text, e in zip(rendered, encodings, strict=True)]
     rows = pretraining.document_rows(encoded, weights, spec.max_position - 1, separator)
     batch_size = min(spec.chat_batch_size, len(rows))
     batches = pretraining.iterate_row_batches(rows, batch_size=batch_size, pad=separator, seed=spec.seed)

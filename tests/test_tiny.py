@@ -135,9 +135,8 @@ def test_answer_weights_cover_the_assistant_turns_only(tmp_path: Path) -> None:
     text = render_chat(messages)
     tokenizer = train_tokenizer([text] * 4, 300)
     encoding = tokenizer.encode(text, add_special_tokens=False)
-    weighted = "".join(
-        text[start:end] for (start, end), w in zip(encoding.offsets, _answer_weights(tokenizer, text), strict=True) if w
-    )
+    weights = _answer_weights(text, encoding.offsets)
+    weighted = "".join(text[start:end] for (start, end), w in zip(encoding.offsets, weights, strict=True) if w)
     assert weighted == f"Hello there{IM_END}Goodbye{IM_END}"
 
 
