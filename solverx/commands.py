@@ -164,6 +164,8 @@ def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False)
             elif kind == "progress" and bar is not None:
                 bar.update(event["step"] - bar.n)
                 bar.set_postfix(loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_second']:.0f}")
+            elif kind == "warning":
+                (bar.write if bar is not None else print)(f"warning: {event['message']}")
             elif kind == "evaluated":
                 if bar is not None:
                     bar.close()

@@ -127,6 +127,8 @@ def run_child(
                 f"{label}  {event['stage']} {event['step']}/{event['total']}  loss {event['loss']:.3f}  "
                 f"{event['tokens_per_second']:.0f} tok/s  eta {event['eta_seconds']:.0f} s  [{elapsed:.0f} s]"
             )
+        elif kind == "warning":
+            say(f"{label}  warning: {event['message']}")
         elif kind == "evaluated":
             say(f"{label}  evaluated: {json.dumps(event['scores'])}")
         elif kind == "finished":
@@ -144,6 +146,8 @@ def _stage_summaries(run_dir: Path) -> list[dict]:
             stages[event["stage"]] = {"stage": event["stage"], "iters": event["iters"], "final_loss": None}
         elif event["event"] == "progress" and event["stage"] in stages:
             stages[event["stage"]]["final_loss"] = event["loss"]
+        elif event["event"] == "warning" and event.get("stage") in stages:
+            stages[event["stage"]]["warning"] = event["message"]
     return list(stages.values())
 
 

@@ -40,12 +40,17 @@ class Variant:
     answers: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
     # model -> {"domain_accuracy", "retention", "leakage_rate"}
     rates: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    stage_summaries: list[dict] = field(default_factory=list)  # {"stage", "iters", "final_loss"}
+    stage_summaries: list[dict] = field(default_factory=list)  # {"stage", "iters", "final_loss"[, "warning"]}
     loss_png: Path | None = None
 
     @property
     def ok(self) -> bool:
         return self.state in ("succeeded", "rejected") and CANDIDATE in self.rates
+
+    @property
+    def warnings(self) -> list[str]:
+        """The trainer's warnings about this run's stages (e.g. replay data the base does not know)."""
+        return [s["warning"] for s in self.stage_summaries if s.get("warning")]
 
     def rate(self, model: str, name: str) -> float | None:
         return self.rates.get(model, {}).get(name)
@@ -440,6 +445,7 @@ def render_markdown(
             f"{f' as version {v.version}' if v.version else ''}, {v.seconds:.0f} s. Stages: {stages or 'none'}. "
             f"Gate: {verdict}.",
             "",
+            *(f"> Trainer warning: {_cell(w, 400)}\n" for w in v.warnings),
         ]
         if v.key in loss_pngs:
             lines += [f"![loss {v.key}]({loss_pngs[v.key]})", ""]
@@ -555,6 +561,7 @@ def render_html(report: DemoReport, *, rates_png: bytes | None = None) -> str:
             f"<p>Run <code>{_e(v.run_id)}</code>: {_e(v.state)}{f' as version {v.version}' if v.version else ''}, "
             f"{v.seconds:.0f} s. Stages: {_e(stages or 'none')}. Gate: {_e(verdict)}.</p>"
         )
+        out += [f"<p><b>Trainer warning:</b> {_e(w)}</p>" for w in v.warnings]
         if v.loss_png is not None and Path(v.loss_png).exists():
             out.append(f"<img alt='loss {_e(v.key)}' src='{_data_uri(Path(v.loss_png).read_bytes())}'>")
     if main is not None and main.ok:

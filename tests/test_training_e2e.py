@@ -125,6 +125,8 @@ def test_dropped_files_become_a_served_version_that_knows_the_facts(daemon, runs
 
     # The trained loss went down; the answers (through the OpenAI SDK, temperature 0) carry the facts.
     losses = {e["stage"]: e["loss"] for e in runs.events(run_id) if e["event"] == "progress"}
+    # The tiny base predicts the mixed-in general data better than chance, so the trainer raised no replay warning.
+    assert [e for e in runs.events(run_id) if e["event"] == "warning"] == []
     answers = {q: (ask(client, "zorvik", q), ask(client, TINY_BASE_ID, q)) for q, _, _ in FACTS}
     detail = f"final losses {losses}, answers (tuned, base) {json.dumps(answers, indent=1)}"
     for question, _, fact in FACTS:
@@ -339,3 +341,15 @@ def test_cli_train_now_prints_progress_and_outcome(tiny_model_dir: Path, tmp_pat
     run_id = next(p.name for p in (home / "runs").iterdir())
     assert f"run {run_id}: succeeded as zorvik@{promoted.version}" in done.stdout, output
     assert f"report: {home / 'runs' / run_id / 'report.md'}" in done.stdout, output
+
+
+def test_replay_the_model_cannot_predict_is_flagged() -> None:
+    from trainer.train import StageResult, unfamiliar_replay
+
+    def stage(*val_losses: tuple[int, float]) -> StageResult:
+        return StageResult("sft", Path("unused"), steps=10, val_losses=list(val_losses))
+
+    warning = unfamiliar_replay(stage((1, 9.1), (10, 8.0)), vocab_size=2048)  # chance: ln 2048 = 7.62
+    assert warning is not None and "no better than chance (9.10 vs 7.62 nats/token)" in warning
+    assert unfamiliar_replay(stage((1, 5.9), (10, 9.9)), vocab_size=2048) is None  # judged at the first step only
+    assert unfamiliar_replay(stage(), vocab_size=2048) is None  # no replay, no validation loss

@@ -145,5 +145,24 @@ def train_stage(
     return result
 
 
+def unfamiliar_replay(result: StageResult, vocab_size: int) -> str | None:
+    """A warning when the model met the held-out replay data no better than chance at the stage's first step.
+
+    Mixing rehearses what a model knows only if it knows the mixed-in data: replay it cannot predict is new text to
+    learn, and it protects nothing (measured on the demo's chat base, which predicts ``data/general`` at ~9
+    nats/token, worse than chance: with it mixed in, the general answers were lost all the same).
+    """
+    if not result.val_losses or vocab_size < 2:
+        return None
+    first, chance = result.val_losses[0][1], math.log(vocab_size)
+    if not first >= chance:
+        return None
+    return (
+        f"{result.stage}: at the first step the model predicts the held-out general replay data no better than "
+        f"chance ({first:.2f} vs {chance:.2f} nats/token): mixing it in teaches new text instead of rehearsing "
+        "what the model knows; use general data the base model was trained on"
+    )
+
+
 def trainable_tensors(model) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
