@@ -182,8 +182,12 @@ def test_the_runs_went_through_the_watch_folder_the_trainer_and_the_registry(dem
 def test_the_trainer_warns_that_the_chat_base_does_not_know_the_replay_data(demo) -> None:
     # Measured: the chat base predicts data/general at ~9 nats/token, worse than chance (ln 2048 = 7.6): it was
     # taught data/known's answers last, and mixing in data it cannot predict rehearses nothing (see README).
-    _, report, md, _ = demo
+    from trainer.runlog import read_events
+
+    home, report, md, _ = demo
     assert any("no better than chance" in w for w in report.main.warnings), report.main.stage_summaries
+    kinds = [e["event"] for e in read_events(home / "runs" / report.main.run_id)]
+    assert kinds.index("warning") < kinds.index("progress")  # before the first step, while the user can act
     assert report.variant("solverx-noreplay").warnings == []  # no mixing, no replay to judge
     assert "Trainer warning:" in md.read_text()
 

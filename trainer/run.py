@@ -31,7 +31,7 @@ from trainer.evaluate import (
 from trainer.inbox import InboxChanged, copy_snapshot, snapshot
 from trainer.recipe import Recipe
 from trainer.runlog import RunLog
-from trainer.train import Progress, StageResult, StageSettings, train_stage, unfamiliar_replay
+from trainer.train import Progress, StageResult, StageSettings, train_stage
 from trainer.validate import IngestResult, format_ingest_report, ingest, quarantine_dir_for
 
 GENERAL_DIR = DATA_DIR / "general"
@@ -200,13 +200,11 @@ def _train(
         seed=recipe.seed,
     )
     valid = data.valid if len(data.valid) >= settings.batch_size else None
-    trained = train_stage(
+    return train_stage(
         model, stage, run_dir / stage, data.train, valid, recipe.lora, settings,
         resume_from=resume_from, batches=mixed_batches, on_progress=progress,
+        on_warning=lambda message: log.write("warning", stage=stage, message=message),
     )  # fmt: skip
-    if warning := unfamiliar_replay(trained, getattr(getattr(model, "args", None), "vocab_size", 0)):
-        log.write("warning", stage=stage, message=warning)
-    return trained
 
 
 def probe_sets(result: IngestResult, probes_dir: Path) -> dict[str, list[Probe]]:

@@ -66,8 +66,17 @@ class StageResult:
 
 
 class _Reporter(TrainingCallback):
-    def __init__(self, stage: str, total: int, result: StageResult, on_progress: Callable[[Progress], None] | None):
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        result: StageResult,
+        on_progress: Callable[[Progress], None] | None,
+        on_warning: Callable[[str], None] | None = None,
+        vocab_size: int = 0,
+    ):
         self.stage, self.total, self.result, self.on_progress = stage, total, result, on_progress
+        self.on_warning, self.vocab_size = on_warning, vocab_size
         self.started = time.perf_counter()
 
     def on_train_loss_report(self, info: dict) -> None:
@@ -81,6 +90,10 @@ class _Reporter(TrainingCallback):
 
     def on_val_loss_report(self, info: dict) -> None:
         self.result.val_losses.append((int(info["iteration"]), float(info["val_loss"])))
+        # mlx-lm measures the first validation loss before the first step: warn while the user can still act
+        first = len(self.result.val_losses) == 1
+        if first and self.on_warning and (warning := unfamiliar_replay(self.result, self.vocab_size)):
+            self.on_warning(warning)
 
 
 def write_adapter_config(adapter_dir: Path, lora: LoraSettings, num_layers: int, extra: dict | None = None) -> None:
@@ -106,10 +119,13 @@ def train_stage(
     resume_from: Path | None = None,
     batches: Callable = iterate_batches,
     on_progress: Callable[[Progress], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> StageResult:
     """Train one stage on ``model`` (a freshly loaded base) and write its adapter to ``out_dir``.
 
     ``batches`` follows mlx-lm's ``iterate_batches`` contract; pass a mixing iterator for replay data.
+    ``on_warning`` hears, before the first step, when the model cannot predict ``valid_set`` (see
+    :func:`unfamiliar_replay`).
     """
     mx.random.seed(settings.seed)
     num_layers = len(model.layers) if lora.num_layers < 0 else lora.num_layers
@@ -129,6 +145,7 @@ def train_stage(
         max_seq_length=settings.max_seq_length,
         adapter_file=str(out_dir / ADAPTER_WEIGHTS),
     )
+    vocab_size = getattr(getattr(model, "args", None), "vocab_size", 0)
     started = time.perf_counter()
     mlx_train(
         model,
@@ -137,7 +154,7 @@ def train_stage(
         valid_set if valid_set else None,
         args=args,
         iterate_batches=batches,
-        training_callback=_Reporter(stage, settings.iters, result, on_progress),
+        training_callback=_Reporter(stage, settings.iters, result, on_progress, on_warning, vocab_size),
     )
     result.seconds = time.perf_counter() - started
     result.tokens_per_second = result.trained_tokens / result.seconds if result.seconds else 0.0
@@ -146,7 +163,7 @@ def train_stage(
 
 
 def unfamiliar_replay(result: StageResult, vocab_size: int) -> str | None:
-    """A warning when the model met the held-out replay data no better than chance at the stage's first step.
+    """A warning when the model met the held-out replay data no better than chance before the stage's first step.
 
     Mixing rehearses what a model knows only if it knows the mixed-in data: replay it cannot predict is new text to
     learn, and it protects nothing (measured on the demo's chat base, which predicts ``data/general`` at ~9
