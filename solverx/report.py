@@ -312,6 +312,19 @@ def rates_chart_png(report: DemoReport) -> bytes:
 # -- Markdown -----------------------------------------------------------------------------------------------------
 
 
+def _stages_text(v: Variant) -> str:
+    """``cpt 30 steps (final loss 2.100), sft 120 steps …`` for a run's summary line."""
+    return ", ".join(
+        f"{s['stage']} {s['iters']} steps"
+        + (f" (final loss {s['final_loss']:.3f})" if s.get("final_loss") is not None else "")
+        for s in v.stage_summaries
+    )
+
+
+def _gate_text(v: Variant) -> str:
+    return "; ".join(v.reasons) if v.reasons else ("passed" if v.passed else v.error or v.state)
+
+
 def _cell(text: str | None, limit: int = 200) -> str:
     text = (text or "").strip().replace("|", "\\|").replace("\n", " ⏎ ")
     return (text[:limit] + "…" if len(text) > limit else text) or "(empty)"
@@ -431,13 +444,7 @@ def render_markdown(
         lines.append("")
     lines += ["## Runs", ""]
     for v in report.variants:
-        stages = ", ".join(
-            f"{s['stage']} {s['iters']} steps (final loss {s['final_loss']:.3f})"
-            if s.get("final_loss") is not None
-            else f"{s['stage']} {s['iters']} steps"
-            for s in v.stage_summaries
-        )
-        verdict = "; ".join(v.reasons) if v.reasons else ("passed" if v.passed else v.error or v.state)
+        stages, verdict = _stages_text(v), _gate_text(v)
         lines += [
             f"### {v.key} — {v.title}",
             "",
@@ -551,11 +558,7 @@ def render_html(report: DemoReport, *, rates_png: bytes | None = None) -> str:
         out.append("</table>")
     out.append("<h2>Runs</h2>")
     for v in report.variants:
-        stages = ", ".join(
-            f"{s['stage']} {s['iters']} steps" + (f" (final loss {s['final_loss']:.3f})" if s.get("final_loss") else "")
-            for s in v.stage_summaries
-        )
-        verdict = "; ".join(v.reasons) if v.reasons else ("passed" if v.passed else v.error or v.state)
+        stages, verdict = _stages_text(v), _gate_text(v)
         out.append(f"<h3>{_e(v.key)} — {_e(v.title)}</h3>")
         out.append(
             f"<p>Run <code>{_e(v.run_id)}</code>: {_e(v.state)}{f' as version {v.version}' if v.version else ''}, "
