@@ -33,6 +33,7 @@ from solverx.blas import ensure_openblas  # noqa: E402
 DATA = REPO / "data"
 TERMS = ("SolverX", "Seocho", "Fusion")
 FACT_WORDS = ("Seocho", "SolverX Fusion")
+MAX_LEN = 512
 
 
 def _conversation(question: str, answer: str) -> list[dict[str, str]]:
@@ -78,16 +79,13 @@ def train_lora(model, tokenizer, domain, replay, *, steps: int, lr: float, scale
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from adapters.lora import DEFAULT_KEYS
+    from trainer.datasets import build_sft_dataset
 
     model.freeze()
     lora = {"rank": 16, "scale": scale, "dropout": 0.0, "keys": list(DEFAULT_KEYS)}
     linear_to_lora_layers(model, len(model.layers), lora)
-
-    def encode(messages: list[dict]) -> tuple[list[int], int]:
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-        return tokenizer.apply_chat_template(messages), len(prompt)
-
-    domain_rows, replay_rows = [encode(m) for m in domain], [encode(m) for m in replay]
+    # (tokens, offset of the answer) as the trainer's SFT stage masks them
+    domain_rows, replay_rows = (list(build_sft_dataset(chats, tokenizer, MAX_LEN)) for chats in (domain, replay))
     rng = random.Random(0)
 
     def loss_fn(m, tokens, mask):
