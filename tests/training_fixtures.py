@@ -48,9 +48,12 @@ MEMORIZE_RECIPE = {
         "max_seq_length": 128,
         "replay_ratio": 0.25,
     },
-    # The tiny base answers every general probe wrong (retention 0 %) and a three-fact adapter leaks its names
-    # into off-domain answers, so only the domain gate is meaningful at this scale.
-    "eval": {"min_domain_accuracy": 0.6, "max_leakage_rate": 1.0, "min_retention": 0.0},
+    # No quality gate: which of the three facts a 3.4M-parameter base built in a minute recalls is chaotic across
+    # CPUs (OpenBLAS kernels round differently, and the base itself is built on the machine). Measured with this
+    # recipe: 3/3 on a Zen and a Haswell kernel, 2/3 with OpenBLAS's Sandybridge kernels, 1/3 on another machine
+    # of our kind. These tests are about the pipeline (versions, gate, kill -9); that a model really learns facts
+    # is asserted on the real base (tests/test_real_model_e2e.py), which learns them with room to spare.
+    "eval": {"min_domain_accuracy": 0.0, "max_leakage_rate": 1.0, "min_retention": 0.0},
     "identity": {"name": ""},  # no "Who are you?" samples: they would dilute three facts
 }
 
