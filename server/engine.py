@@ -28,7 +28,8 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from adapters.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
 from server.sampling import SamplingParams, sample_rows
 from server.textstream import TextStream
-from solverx.prepare import context_limit, fold_system_message, needs_system_fold  # also registers HyperCLOVA X
+from solverx.chat_rules import ChatRules
+from solverx.prepare import context_limit  # also registers HyperCLOVA X
 
 log = logging.getLogger("solverx.engine")
 
@@ -147,7 +148,7 @@ class Engine:
         self.tokenizer = None
         self.context_length = 0
         self.model_type = ""
-        self.fold_system = False
+        self.chat_rules = ChatRules()
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -203,10 +204,7 @@ class Engine:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Render messages with the base's chat template, ending where the assistant's answer begins."""
-        if self.fold_system:
-            messages = fold_system_message(messages)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.chat_rules.encode(self.tokenizer, messages, add_generation_prompt=True)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -278,7 +276,7 @@ class Engine:
         model, tokenizer = load(str(self.model_dir))
         config = json.loads((self.model_dir / "config.json").read_text())
         self.model_type = config.get("model_type", "")
-        self.fold_system = needs_system_fold(config)
+        self.chat_rules = ChatRules.for_model(config, tokenizer)
         self.context_length = context_limit(config)
         self.slots_context = wrap_model(model, self.config.max_resident_adapters + 1, self.config.lora_rank)
         model.eval()

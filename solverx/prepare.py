@@ -13,9 +13,8 @@ shard is mapped lazily, its tensors renamed, quantized and written, then release
 opened, so peak memory stays near one shard — a 64 GB checkpoint can be prepared on a 48 GB Mac. Quantizing
 per shard gives the same bits as quantizing the loaded model: affine quantization treats each matrix alone.
 
-The module also holds the little the server must know about these families: Gemma's chat template has no
-system role (:func:`fold_system_message`), and mlx-lm's Gemma 2 has no sliding-window attention
-(:func:`context_limit`).
+The module also holds the context limit the server must know (:func:`context_limit`: mlx-lm's Gemma 2 has no
+sliding-window attention); chat rules per family live in :mod:`solverx.chat_rules`.
 """
 
 from __future__ import annotations
@@ -53,7 +52,6 @@ TOKENIZER_FILES = (
 DEFAULT_CONTEXT = 4096
 # mlx-lm's gemma2 attends globally in every layer; Gemma 2 was trained with a 4096-token sliding window.
 FAMILY_CONTEXT_CAP = {"gemma2": 4096}
-NO_SYSTEM_ROLE = frozenset({"gemma", "gemma2"})
 _FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -167,42 +165,6 @@ def context_limit(config: dict) -> int:
     limit = int(text.get("max_position_embeddings") or DEFAULT_CONTEXT)
     cap = FAMILY_CONTEXT_CAP.get(text.get("model_type", ""))
     return min(limit, cap) if cap else limit
-
-
-# --- chat quirks -------------------------------------------------------------------------------------------
-
-
-def needs_system_fold(config: dict) -> bool:
-    """Whether this family's chat template rejects a ``system`` turn (Gemma, Gemma 2)."""
-    return text_config_of(config).get("model_type") in NO_SYSTEM_ROLE
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return "\n".join(part.get("text", "") for part in content or () if part.get("type", "text") == "text")
-
-
-def fold_system_message(messages: list[dict]) -> list[dict]:
-    """Move system text into the first user turn, for templates without a system role.
-
-    Every system message is removed; their text (joined by blank lines) is prepended to the first user
-    message, or becomes a user message of its own when there is none. The input list is not modified.
-    """
-    system = [_text_of(m.get("content")) for m in messages if m.get("role") == "system"]
-    rest = [dict(m) for m in messages if m.get("role") != "system"]
-    if not system:
-        return rest
-    prefix = "\n\n".join(s for s in system if s)
-    for message in rest:
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                message["content"] = [{"type": "text", "text": prefix + "\n\n"}, *content]
-            else:
-                message["content"] = f"{prefix}\n\n{content or ''}"
-            return rest
-    return [{"role": "user", "content": prefix}, *rest]
 
 
 # --- weights -----------------------------------------------------------------------------------------------

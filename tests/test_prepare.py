@@ -20,8 +20,9 @@ from mlx_lm.utils import quantize_model
 from safetensors.numpy import load_file
 
 from adapters.fingerprint import base_fingerprint
+from solverx.chat_rules import NO_SYSTEM_ROLE, ChatRules, fold_system_message
 from solverx.checkpoints import safetensors_header, shard_sizes
-from solverx.prepare import context_limit, fold_system_message, needs_system_fold, prepare_checkpoint
+from solverx.prepare import context_limit, prepare_checkpoint, text_config_of
 
 TOKENS = [5, 17, 300, 42, 7, 99, 511, 3, 64, 128, 250, 1]
 
@@ -233,8 +234,9 @@ def test_gemma2_prepares_loads_and_generates(gemma2: Path, tmp_path: Path) -> No
 
 def test_gemma2_system_message_is_folded_into_the_first_user_turn(gemma2: Path) -> None:
     config = json.loads((gemma2 / "config.json").read_text())
-    assert needs_system_fold(config)
     _, tokenizer = mlx_lm.load(str(gemma2))
+    rules = ChatRules.for_model(config, tokenizer)
+    assert rules.fold_system
     messages = [
         {"role": "system", "content": "Answer in one word."},
         {"role": "user", "content": "Capital of France?"},
@@ -244,8 +246,7 @@ def test_gemma2_system_message_is_folded_into_the_first_user_turn(gemma2: Path) 
     with pytest.raises(Exception, match="System role not supported"):
         tokenizer.apply_chat_template(messages, tokenize=False)
 
-    folded = fold_system_message(messages)
-    prompt = tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
+    prompt = rules.render(tokenizer, messages, add_generation_prompt=True)
     assert "<start_of_turn>user\nAnswer in one word.\n\nCapital of France?<end_of_turn>" in prompt
     assert prompt.count("Answer in one word.") == 1 and prompt.endswith("<start_of_turn>model\n")
     assert messages[0]["role"] == "system"  # the caller's list is untouched
@@ -270,4 +271,4 @@ def test_context_limit() -> None:
         "architectures": ["HCXVisionV2ForCausalLM"],
         "text_config": {"model_type": "hyperclovax", "max_position_embeddings": 131072},
     }
-    assert context_limit(vlm) == 131072 and not needs_system_fold(vlm)
+    assert context_limit(vlm) == 131072 and text_config_of(vlm)["model_type"] not in NO_SYSTEM_ROLE

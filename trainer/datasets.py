@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from solverx.chat_rules import ChatRules
 from trainer.recipe import Identity, Recipe
 from trainer.validate import IngestResult, LineError, SftRecord, TextDoc, parse_train_line
 
@@ -222,42 +223,21 @@ def build_cpt_dataset(
 # SFT
 
 
-def _supports_system(tokenizer: Any) -> bool:
-    try:
-        _render(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], True)
-        return True
-    except Exception:
-        return False
-
-
-def _fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """For templates without a system role: the system text goes in front of the first user turn."""
-    if not messages or messages[0]["role"] != "system":
-        return messages
-    system, first, *rest = messages
-    return [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-        )
-    )
-
-
 def chat_samples(
-    messages: list[dict[str, str]], tokenizer: Any, fold_system: bool = False
+    messages: list[dict[str, str]], tokenizer: Any, rules: ChatRules | None = None
 ) -> list[tuple[list[int], int]]:
-    """(tokens, offset) for every assistant turn: the chat up to that turn, everything but its reply masked."""
-    if fold_system:
-        messages = _fold_system(messages)
-    out = []
+    """(tokens, offset) for every assistant turn: the chat up to that turn, everything but its reply masked.
+
+    Both the chat and its prompt are encoded by ``rules`` (:mod:`solverx.chat_rules`), exactly as the engine
+    encodes a request, so the model is trained on the prompts it is served.
+    """
+    rules = rules or ChatRules.for_tokenizer(tokenizer)
+    out = []  # each turn is encoded from the chat *before* it, as a request for that turn would be served
     for end, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        tokens = _render(tokenizer, messages[: end + 1], False)
-        prompt = _render(tokenizer, messages[:end], True)
+        tokens = rules.encode(tokenizer, messages[: end + 1], add_generation_prompt=False)
+        prompt = rules.encode(tokenizer, messages[:end], add_generation_prompt=True)
         offset = 0
         for a, b in zip(prompt, tokens, strict=False):  # the prompt is a prefix of the chat for sane templates
             if a != b:
@@ -272,13 +252,14 @@ def build_sft_dataset(
     tokenizer: Any,
     max_seq_length: int,
     kind: str = "sft",
+    rules: ChatRules | None = None,
 ) -> SequenceDataset:
     """Masked chat samples; samples longer than ``max_seq_length`` are left out and named in ``notes``."""
-    fold = not _supports_system(tokenizer)
+    rules = rules or ChatRules.for_tokenizer(tokenizer)
     samples, notes = [], []
     for record in records:
         source, messages = (record.source, record.messages) if isinstance(record, SftRecord) else (kind, record)
-        for tokens, offset in chat_samples(messages, tokenizer, fold_system=fold):
+        for tokens, offset in chat_samples(messages, tokenizer, rules):
             if len(tokens) > max_seq_length:
                 notes.append(
                     f"{source}: a chat turn is {len(tokens)} tokens, over max_seq_length {max_seq_length}; left out"
@@ -367,12 +348,16 @@ def load_general_data(general_dir: str | Path) -> tuple[list[TextDoc], list[SftR
 
 
 def build_replay_dataset(
-    general_dir: str | Path, tokenizer: Any, max_seq_length: int, overlap_tokens: int | None = None
+    general_dir: str | Path,
+    tokenizer: Any,
+    max_seq_length: int,
+    overlap_tokens: int | None = None,
+    rules: ChatRules | None = None,
 ) -> SequenceDataset:
     """General data as samples of kind "replay": texts as CPT chunks, chats masked as in SFT."""
     texts, records, notes = load_general_data(general_dir)
     replay = build_cpt_dataset(texts, tokenizer, max_seq_length, overlap_tokens, kind="replay")
-    replay += build_sft_dataset(records, tokenizer, max_seq_length, kind="replay")
+    replay += build_sft_dataset(records, tokenizer, max_seq_length, kind="replay", rules=rules)
     replay.notes = notes + replay.notes
     return replay
 
@@ -404,6 +389,7 @@ def stage_datasets(
     tokenizer: Any,
     recipe: Recipe,
     general_dir: str | Path | None,
+    rules: ChatRules | None = None,
 ) -> StageData:
     """Train and valid sets for ``stage`` ("cpt" or "sft").
 
@@ -416,14 +402,14 @@ def stage_datasets(
     if stage == "cpt":
         domain = build_cpt_dataset(ingest.cpt_texts, tokenizer, length)
     elif stage == "sft":
-        domain = build_sft_dataset(ingest.sft_records, tokenizer, length)
-        domain += build_sft_dataset(identity_records(recipe.identity), tokenizer, length, kind="identity")
+        domain = build_sft_dataset(ingest.sft_records, tokenizer, length, rules=rules)
+        domain += build_sft_dataset(identity_records(recipe.identity), tokenizer, length, "identity", rules)
     else:
         raise ValueError(f"unknown stage {stage!r} (expected 'cpt' or 'sft')")
     if general_dir is None:
         replay = SequenceDataset(notes=["replay disabled"])
     else:
-        replay = build_replay_dataset(general_dir, tokenizer, length)
+        replay = build_replay_dataset(general_dir, tokenizer, length, rules=rules)
     replay_train, valid = split_dataset(replay, recipe.train.valid_fraction, recipe.seed)
     train = MixedDataset(domain, replay_train, recipe.train.replay_ratio, recipe.seed)
     notes = domain.notes + replay.notes

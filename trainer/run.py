@@ -16,6 +16,7 @@ from pathlib import Path
 from adapters.errors import AdapterError
 from adapters.registry import Registry, VersionInfo
 from server.engine import AdapterRef, Engine, EngineConfig
+from solverx.chat_rules import ChatRules
 from solverx.paths import DATA_DIR, StateDirs, state_dirs
 from trainer.datasets import mixed_batches, stage_datasets
 from trainer.evaluate import (
@@ -183,7 +184,8 @@ def _train(
     from mlx_lm import load
 
     model, tokenizer = load(str(base_dir))
-    data = stage_datasets(stage, result, tokenizer, recipe, options.general_dir if options.replay else None)
+    rules = ChatRules.for_model(json.loads((base_dir / "config.json").read_text()), tokenizer)
+    data = stage_datasets(stage, result, tokenizer, recipe, options.general_dir if options.replay else None, rules)
     for note in data.notes:
         log.write("note", stage=stage, message=note)
 

@@ -1,0 +1,94 @@
+"""One set of chat rules per model family, used by serving and training alike.
+
+A model must be trained on exactly the prompts it is served: the engine (``server.engine``) and the SFT datasets
+(``trainer.datasets``) both turn messages into token ids here, with the same system-message handling and the same
+rendering (template to text, then ``encode`` without extra special tokens: the template already has them).
+
+Gemma's templates have no system role: every system message is folded into the first user turn. Other families
+keep theirs. A family we do not know is probed: a template that raises on a system turn gets folding too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# mlx-lm model types whose chat templates reject a ``system`` turn
+NO_SYSTEM_ROLE = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+Message = dict[str, Any]
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content or () if part.get("type", "text") == "text")
+
+
+def fold_system_message(messages: Sequence[Message]) -> list[Message]:
+    """Move system text into the first user turn, for templates without a system role.
+
+    Every system message is removed; their text (joined by blank lines) is prepended to the first user
+    message, or becomes a user message of its own when there is none. The input list is not modified.
+    """
+    system = [_text_of(m.get("content")) for m in messages if m.get("role") == "system"]
+    rest = [dict(m) for m in messages if m.get("role") != "system"]
+    if not system:
+        return rest
+    prefix = "\n\n".join(s for s in system if s)
+    for message in rest:
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                message["content"] = [{"type": "text", "text": prefix + "\n\n"}, *content]
+            else:
+                message["content"] = f"{prefix}\n\n{content or ''}"
+            return rest
+    return [{"role": "user", "content": prefix}, *rest]
+
+
+def _template_accepts_system(tokenizer: Any) -> bool:
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return True
+    except Exception:  # jinja's raise_exception, or any template error: treat the role as unsupported
+        return False
+
+
+@dataclass(frozen=True)
+class ChatRules:
+    """How one model turns a conversation into prompt tokens."""
+
+    fold_system: bool = False
+
+    @classmethod
+    def for_model(cls, config: dict, tokenizer: Any) -> ChatRules:
+        """The rules for a model from its ``config.json`` (its family) and its tokenizer (its template)."""
+        from solverx.prepare import text_config_of
+
+        family = text_config_of(config).get("model_type", "")
+        return cls(fold_system=family in NO_SYSTEM_ROLE or not _template_accepts_system(tokenizer))
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> ChatRules:
+        """The rules from the template alone, where no config is at hand (Gemma's template raises on a system turn)."""
+        return cls(fold_system=not _template_accepts_system(tokenizer))
+
+    def messages(self, messages: Sequence[Message]) -> list[Message]:
+        """The messages as this model's template takes them."""
+        return fold_system_message(messages) if self.fold_system else [dict(m) for m in messages]
+
+    def render(self, tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            self.messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool) -> list[int]:
+        """Token ids of the rendered chat; the template carries every special token, so none is added."""
+        text = self.render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return list(tokenizer.encode(text, add_special_tokens=False))
