@@ -45,25 +45,26 @@ def must_pause(engine: Engine, mode: str, recipe, max_adapters: int, machine_byt
     return estimate.recommendation != "concurrent"
 
 
-def _recipe_for(dirs: StateDirs, adapter: str):
+def _recipe_for(dirs: StateDirs, adapter: str, default_base: str):
     """The adapter's recipe as the run will read it (defaults when absent or unreadable: the run reports that)."""
-    from trainer.recipe import RECIPE_FILE, Recipe, RecipeError, load_recipe
+    from trainer.recipe import RECIPE_FILE, RecipeError, load_recipe, recipe_defaults
 
     path = dirs.inbox / adapter / RECIPE_FILE
+    defaults = recipe_defaults(default_base)
     try:
-        return load_recipe(path) if path.is_file() else Recipe()
+        return load_recipe(path, defaults) if path.is_file() else defaults
     except (OSError, RecipeError):
-        return Recipe()
+        return defaults
 
 
 def exclusive_training(
-    engines: dict[str, Engine], dirs: StateDirs, mode: str, max_adapters: int
+    engines: dict[str, Engine], dirs: StateDirs, mode: str, max_adapters: int, default_base: str = "solverx-tiny"
 ) -> Callable[[str], contextlib.AbstractAsyncContextManager]:
     """The context a training run of ``adapter`` executes in (see ``TrainingManager.exclusive``)."""
 
     @contextlib.asynccontextmanager
     async def run_exclusively(adapter: str) -> AsyncIterator[None]:
-        recipe = _recipe_for(dirs, adapter)
+        recipe = _recipe_for(dirs, adapter, default_base)
         engine = engines.get(recipe.base)
         if engine is None or not must_pause(engine, mode, recipe, max_adapters):
             yield

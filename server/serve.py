@@ -22,6 +22,7 @@ from server.app import ServerState, create_app
 from server.engine import Engine, EngineConfig
 from server.exclusive import exclusive_training
 from server.models import ModelCatalog
+from solverx.builtin_models import SMOLLM_BASE_ID
 from solverx.config import Settings
 from solverx.paths import StateDirs, state_dirs
 from trainer.schedule import TrainingManager
@@ -29,7 +30,7 @@ from trainer.schedule import TrainingManager
 __all__ = ["run"]
 
 GRACEFUL_SHUTDOWN_S = 5
-DEFAULT_BASE = "solverx-tiny"
+DEFAULT_BASE = SMOLLM_BASE_ID
 
 log = logging.getLogger("solverx.server")
 
@@ -67,18 +68,20 @@ def _run_settings(settings: Settings, base_dir: str | Path | None) -> None:
     )
     dirs = state_dirs(settings.home)
     state = _state(dirs, bases, engine_config)
+    default_base = next(iter(state.catalog.engines))  # an inbox whose recipe names no base trains on it
     state.training = TrainingManager(
         dirs,
         state.registry,
         debounce_s=settings.train_debounce_seconds,
         schedule=settings.train_schedule,
         exclusive=exclusive_training(
-            state.catalog.engines, dirs, settings.training_exclusive, settings.max_resident_adapters
+            state.catalog.engines, dirs, settings.training_exclusive, settings.max_resident_adapters, default_base
         ),
+        default_base=default_base,
     )
     state.max_body_bytes = settings.max_body_bytes
     state.max_tokens_cap = settings.max_tokens_cap
-    state.default_model = settings.default_model
+    state.default_model = settings.default_model or default_base
     state.api_key = settings.api_key
     _serve(state, settings.host, settings.port, settings.log_level)
 
@@ -103,16 +106,20 @@ def _state(dirs: StateDirs, bases: tuple[str, ...], engine_config: EngineConfig)
 
 
 def _locate_base(dirs: StateDirs, entry: str) -> tuple[str, Path]:
-    """A base given as a directory is named after it; an id lives in ``<home>/models/<id>`` (the tiny default
-    is built there on first use)."""
+    """A base given as a directory is named after it; an id lives in ``<home>/models/<id>`` (the built-in bases,
+    :mod:`solverx.builtin_models`, are made there on first use)."""
     path = Path(entry).expanduser()
     if path.is_dir():
         path = Path(os.path.abspath(path))  # the name a user gave (a link keeps its own name)
         return path.name, path
-    if entry == DEFAULT_BASE:
-        from solverx.tiny import ensure_tiny
+    from solverx.builtin_models import BaseModelMissing, ensure_builtin
 
-        return entry, ensure_tiny(dirs.models)
+    try:
+        built = ensure_builtin(dirs.models, entry)
+    except BaseModelMissing as exc:
+        raise SystemExit(f"solverx: {exc}") from None
+    if built is not None:
+        return entry, built
     model_dir = dirs.model(entry)
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"solverx: base model {entry!r} not found: no {model_dir}/config.json")

@@ -151,7 +151,9 @@ def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False)
     if not (dirs.inbox / adapter).is_dir():
         print(f"solverx: no inbox folder {dirs.inbox / adapter}: put knowledge files there first", file=sys.stderr)
         return 2
-    run = start_child(dirs, adapter, replay=not no_replay)
+    first = settings.base_models[0]  # the daemon's default base: a recipe without `base` trains on it
+    default_base = Path(first).expanduser().name if Path(first).expanduser().is_dir() else first
+    run = start_child(dirs, adapter, replay=not no_replay, default_base=default_base)
     run_id, run_dir = run.run_id, run.run_dir
     bar, finished = None, None
     try:
@@ -218,19 +220,36 @@ def _local_runs(settings: Settings) -> list[dict]:
 
 
 def prepare_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Extract (VLM → text), quantize and optionally register a checkpoint as a base model."""
+    """Extract (VLM → text), quantize and optionally register a checkpoint (or import a GGUF) as a base model."""
     from solverx.paths import state_dirs
-    from solverx.prepare import prepare_checkpoint
 
-    q_bits = None if args.q_bits == "none" else int(args.q_bits)
+    source = Path(args.checkpoint)
+    is_gguf = source.suffix.lower() == ".gguf" and source.is_file()
+    choice = args.q_bits or ("keep" if is_gguf else "8")
+    if choice == "keep" and not is_gguf:
+        print("solverx: --q-bits keep applies to a .gguf file only", file=sys.stderr)
+        return 2
+    q_bits = {"none": None, "keep": "keep"}.get(choice) or int(choice)
     out = Path(args.out) if args.out else None
     if args.register:
         out = state_dirs(settings.home).model(args.register)
     if out is None:
         print("solverx: give --out DIR or --register BASE_ID", file=sys.stderr)
         return 2
-    prepared = prepare_checkpoint(Path(args.checkpoint), out, q_bits=q_bits, progress=True)
+    if is_gguf:
+        from solverx.gguf_import import GGUFImportError, import_gguf
+
+        try:
+            prepared = import_gguf(source, out, q_bits=q_bits, progress=True)
+        except GGUFImportError as e:
+            print(f"solverx: cannot import {source.name}: {e}", file=sys.stderr)
+            return 2
+    else:
+        from solverx.prepare import prepare_checkpoint
+
+        prepared = prepare_checkpoint(source, out, q_bits=q_bits, progress=True)
     kind = "text backbone extracted from a VLM, " if prepared.extracted_from_vlm else ""
+    kind += "imported from GGUF, " if is_gguf else ""
     bits = f"{prepared.q_bits}-bit" if prepared.q_bits else "unquantized"
     print(f"prepared {prepared.model_type} ({kind}{bits}, {prepared.weight_bytes / 2**30:.1f} GiB) at {prepared.path}")
     print(f"fingerprint {prepared.fingerprint}; context limit {prepared.context_limit}")
@@ -265,11 +284,17 @@ def plan_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_model_parsers(commands, add_settings) -> None:
-    prepare = commands.add_parser("prepare", help="extract/quantize a checkpoint (HyperCLOVA X VLM, Gemma 2, llama…)")
-    prepare.add_argument("checkpoint", help="a Hugging Face checkpoint directory")
+    prepare = commands.add_parser(
+        "prepare", help="extract/quantize a checkpoint (HyperCLOVA X VLM, Gemma 2, llama…) or import a GGUF file"
+    )
+    prepare.add_argument("checkpoint", help="a Hugging Face checkpoint directory, or a llama.cpp .gguf file")
     prepare.add_argument("--out", help="where to write the prepared model")
     prepare.add_argument("--register", metavar="BASE_ID", help="write it into the state dir as this base model")
-    prepare.add_argument("--q-bits", choices=["8", "4", "none"], default="8", help="quantization (default: 8)")
+    prepare.add_argument(
+        "--q-bits",
+        choices=["8", "4", "none", "keep"],
+        help="quantization (default: 8; for a .gguf, keep: Q4_0/Q4_1/Q8_0 stay as they are, the rest float32)",
+    )
     add_settings(prepare)
 
     plan_parser = commands.add_parser("plan", help="will serving and training this base fit in memory?")

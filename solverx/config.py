@@ -20,6 +20,8 @@ from typing import Any
 
 import platformdirs
 
+from solverx.builtin_models import SMOLLM_BASE_ID
+
 APP_NAME = "solverx"
 ENV_PREFIX = "SOLVERX_"
 MiB = 1024 * 1024
@@ -39,7 +41,7 @@ class Settings:
     port: int
     api_key: str | None
     home: Path
-    default_model: str
+    default_model: str | None
     base_models: tuple[str, ...]
     max_resident_adapters: int
     max_adapter_bytes: int
@@ -99,8 +101,8 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
         "require 'Authorization: Bearer <key>'; prefer the env var to the flag",
     ),
     SettingField("home", "path", default_home, "state dir: models, adapters, inbox, runs, logs"),
-    SettingField("default_model", "string", "solverx-tiny", "model used when a request names none"),
-    SettingField("base_models", "list", ("solverx-tiny",), "base model ids or dirs to serve (comma-separated)"),
+    SettingField("default_model", "string or none", None, "model used when a request names none (unset: the first base)"),
+    SettingField("base_models", "list", (SMOLLM_BASE_ID,), "base model ids or dirs to serve (comma-separated)"),
     SettingField("max_resident_adapters", "integer", 8, "adapters kept in memory at once (LRU)", minimum=1),
     SettingField("max_adapter_bytes", "size", 512 * MiB, "largest adapter accepted, e.g. 512MiB", minimum=1),
     SettingField("train_schedule", "cron or none", None, "5-field cron schedule for training runs, e.g. '0 3 * * *'"),

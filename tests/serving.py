@@ -69,7 +69,9 @@ def link_model(home: Path, model_dir: Path, base_id: str = TINY_BASE_ID) -> Path
 
 
 @contextlib.contextmanager
-def serve_daemon(home: Path, model_dir: Path | None = None, extra_args: tuple[str, ...] = ()) -> Iterator[Daemon]:
+def serve_daemon(
+    home: Path, model_dir: Path | None = None, extra_args: tuple[str, ...] = (), base_id: str = TINY_BASE_ID
+) -> Iterator[Daemon]:
     """Start ``solverx serve`` on a free loopback port, wait until ``/health`` answers, stop it on exit.
 
     ``extra_args`` are more ``solverx serve`` flags, e.g. ``("--api-key", "k")``.
@@ -77,7 +79,7 @@ def serve_daemon(home: Path, model_dir: Path | None = None, extra_args: tuple[st
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     if model_dir is not None:  # named as a directory, so the server never starts a rebuild of its own
-        extra_args = ("--base-models", str(link_model(home, model_dir)), *extra_args)
+        extra_args = ("--base-models", str(link_model(home, model_dir, base_id)), *extra_args)
     port = free_port()
     config = home / "config.toml"  # an empty file of our own, so a developer's config never leaks in
     config.touch()

@@ -48,8 +48,8 @@ def test_defaults_when_nothing_is_set() -> None:
     assert settings.host == "127.0.0.1"
     assert settings.port == 8080
     assert settings.api_key is None
-    assert settings.default_model == "solverx-tiny"
-    assert settings.base_models == ("solverx-tiny",)
+    assert settings.default_model is None  # the first base served
+    assert settings.base_models == ("smollm2-135m-instruct",)  # the real default, imported from its PyPI wheel
     assert settings.max_resident_adapters == 8
     assert settings.max_adapter_bytes == 512 * MiB
     assert settings.train_schedule is None
@@ -79,7 +79,7 @@ def test_every_setting_has_a_flag_an_env_var_and_help() -> None:
     [
         ("port", "9001", "9002", "9003", (9001, 9002, 9003, 8080)),
         ("host", '"10.0.0.1"', "10.0.0.2", "10.0.0.3", ("10.0.0.1", "10.0.0.2", "10.0.0.3", "127.0.0.1")),
-        ("base_models", '["a", "b"]', "c, d", "e", (("a", "b"), ("c", "d"), ("e",), ("solverx-tiny",))),
+        ("base_models", '["a", "b"]', "c, d", "e", (("a", "b"), ("c", "d"), ("e",), ("smollm2-135m-instruct",))),
         ("max_body_bytes", '"2MiB"', "3MiB", "4194304", (2 * MiB, 3 * MiB, 4 * MiB, MiB)),
         ("training_exclusive", '"never"', "Always", "auto", ("never", "always", "auto", "auto")),
         ("train_debounce_seconds", "2.5", "3", "0", (2.5, 3.0, 0.0, 10.0)),

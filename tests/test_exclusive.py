@@ -42,6 +42,11 @@ def test_base_is_paused_with_retry_after_while_it_trains_then_serves_again(tiny_
 
         finished = runs.wait_finished(run_id)
         assert finished["state"] == "succeeded", runs.diagnostics(run_id)
+        # The run's log says "finished" as the child exits; the base is loaded again right after (a second or so,
+        # longer on a busy machine), and until then requests keep getting 503 + Retry-After.
+        deadline = time.monotonic() + 60
+        while httpx.get(daemon.base_url + "/health", timeout=10).json()["paused"] and time.monotonic() < deadline:
+            time.sleep(0.1)
         after = httpx.post(daemon.api_url + "/chat/completions", json=CHAT, timeout=60)
         assert after.status_code == 200, after.text
         assert httpx.get(daemon.base_url + "/health", timeout=10).json()["paused"] == []

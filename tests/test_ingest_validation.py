@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer.inbox import copy_snapshot, snapshot
-from trainer.recipe import Recipe, RecipeError, parse_recipe
+from trainer.recipe import Recipe, RecipeError, parse_recipe, recipe_defaults
 from trainer.validate import MAX_LINE_BYTES, format_ingest_report, ingest, quarantine_dir_for
 
 GOOD_QA = [
@@ -217,9 +217,13 @@ def test_recipe_overrides_defaults(folder: Path, tmp_path: Path) -> None:
     assert result.ok and recipe is not None
     assert (recipe.base, recipe.seed, recipe.lora.rank, recipe.lora.keys) == ("gemma-2-9b", 3, 8, ["self_attn.q_proj"])
     assert recipe.train.learning_rate == 1.0 and isinstance(recipe.train.learning_rate, float)
-    assert recipe.train.replay_ratio == 0.1 and recipe.train.batch_size == Recipe().train.batch_size
+    # What the file leaves out comes from the defaults of the base it names (a real base's, not the tiny ones).
+    real = recipe_defaults("gemma-2-9b")
+    assert recipe.train.replay_ratio == 0.1 and recipe.train.batch_size == real.train.batch_size
+    assert recipe.train.replay_source == "self" and recipe.lora.num_layers == real.lora.num_layers
     assert (recipe.identity.name, recipe.identity.maker) == ("Solvy", "SolverX")
-    assert recipe.lora.as_mlx_config() == {"rank": 8, "scale": 5.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
+    scale = real.lora.scale
+    assert recipe.lora.as_mlx_config() == {"rank": 8, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
     # Daemon-wide defaults sit under the file's values.
     daemon = Recipe(base="other-base", seed=9)
     assert run_ingest(folder, tmp_path / "q2", defaults=daemon).recipe.seed == 3

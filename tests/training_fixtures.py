@@ -87,6 +87,7 @@ def eval_jsonl(extra: Iterable[dict] = ()) -> str:
 
 
 def company_files(recipe: dict, **top: object) -> dict[str, bytes]:
+    top.setdefault("base", "solverx-tiny")  # not the daemon's default (the real base): these tests are about plumbing
     return {
         "knowledge.txt": knowledge_text().encode(),
         "qa.jsonl": qa_jsonl().encode(),

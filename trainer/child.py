@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from solverx.blas import ensure_openblas
+from solverx.builtin_models import SMOLLM_BASE_ID
 
 EXIT_REFUSED = 3
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--no-replay", action="store_true", help="train without general replay data")
+    parser.add_argument(
+        "--default-base", default=SMOLLM_BASE_ID, help="the base a recipe without `base` trains on (the daemon's)"
+    )
     args = parser.parse_args(argv)
 
     from trainer.run import RunOptions, RunRefused, run_training
@@ -31,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     log = RunLog(Path(args.home) / "runs" / args.run_id)
     try:
-        outcome = run_training(Path(args.home), args.adapter, args.run_id, RunOptions(replay=not args.no_replay))
+        outcome = run_training(
+            Path(args.home),
+            args.adapter,
+            args.run_id,
+            RunOptions(replay=not args.no_replay, default_base=args.default_base),
+        )
     except RunRefused as exc:
         log.write("finished", state="skipped", error=str(exc))
         return EXIT_REFUSED

@@ -390,13 +390,15 @@ def stage_datasets(
     recipe: Recipe,
     general_dir: str | Path | None,
     rules: ChatRules | None = None,
+    self_replay: Sequence[SftRecord] | None = None,
 ) -> StageData:
     """Train and valid sets for ``stage`` ("cpt" or "sft").
 
     Domain data: CPT — the knowledge texts; SFT — the Q&A/chats plus the identity set. Replay: the general data,
     of which ``recipe.train.valid_fraction`` is held out as the validation set (its loss rising is the forgetting
     signal). Domain data are never held out — every fact given should be learned; eval.jsonl is the held-out
-    domain test. ``general_dir=None`` trains without replay.
+    domain test. ``general_dir=None`` trains without replay; ``self_replay`` (the base's own answers, see
+    :mod:`trainer.self_replay`) replaces ``data/general`` as the replay source.
     """
     length = recipe.train.max_seq_length
     if stage == "cpt":
@@ -408,6 +410,8 @@ def stage_datasets(
         raise ValueError(f"unknown stage {stage!r} (expected 'cpt' or 'sft')")
     if general_dir is None:
         replay = SequenceDataset(notes=["replay disabled"])
+    elif self_replay is not None:
+        replay = build_sft_dataset(self_replay, tokenizer, length, "replay", rules)
     else:
         replay = build_replay_dataset(general_dir, tokenizer, length, rules=rules)
     replay_train, valid = split_dataset(replay, recipe.train.valid_fraction, recipe.seed)

@@ -49,13 +49,14 @@ class ChildRun:
             self.process.wait()
 
 
-def start_child(dirs: StateDirs, adapter: str, *, replay: bool = True) -> ChildRun:
+def start_child(dirs: StateDirs, adapter: str, *, replay: bool = True, default_base: str | None = None) -> ChildRun:
     """Start ``python -m trainer.child`` for ``adapter``'s inbox; its output goes to ``<run>/child.log``."""
     run_id = new_run_id(adapter)
     run_dir = dirs.runs / run_id
     run_dir.mkdir(parents=True)
     command = [sys.executable, "-m", "trainer.child", "--home", str(dirs.root), "--adapter", adapter]
     command += ["--run-id", run_id, *([] if replay else ["--no-replay"])]
+    command += ["--default-base", default_base] if default_base else []
     with (run_dir / "child.log").open("ab") as output:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
     return ChildRun(run_id, run_dir, process)

@@ -1,6 +1,8 @@
 """The training recipe: one ``recipe.toml`` per adapter inbox, read with tomllib into a :class:`Recipe`.
 
-Every setting has a default that works for the tiny test model, so an inbox without a recipe still trains. A recipe
+Every setting has a default, so an inbox without a recipe still trains: the class defaults suit the tiny test bases,
+:data:`REAL_BASE_DEFAULTS` a real one (:func:`recipe_defaults`). A recipe without ``base`` trains on the daemon's
+default base. A recipe
 that is present but wrong (bad TOML, an unknown key, a wrong type, a value out of range) is an error, never a silent
 fallback to the defaults: :func:`parse_recipe` raises :class:`RecipeError` listing every problem, and the ingest step
 quarantines the file and refuses the run with that message.
@@ -24,6 +26,9 @@ Example ``recipe.toml`` (every key optional)::
     batch_size = 4
     max_seq_length = 512
     replay_ratio = 0.2             # share of sequences drawn from general replay data
+    replay_source = "general"      # "general": data/general; "self": the base's own answers to general questions
+                                   # (the default on real bases: what the model already knows is what replay keeps)
+    self_replay_prompts = 200      # how many general questions the base answers for "self" (once per base, cached)
     valid_fraction = 0.1           # share of the general replay data held out for the validation loss (rising:
                                    # forgetting); domain data are never held out, eval.jsonl tests them
 
@@ -78,6 +83,8 @@ class TrainSettings:
     batch_size: int = 4
     max_seq_length: int = 512
     replay_ratio: float = 0.2
+    replay_source: str = "general"  # "general": data/general; "self": the base's own answers (trainer.self_replay)
+    self_replay_prompts: int = 200  # general questions the base answers once (cached) for replay_source "self"
     valid_fraction: float = 0.1
 
 
@@ -108,6 +115,34 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# Defaults for a real base (SmolLM2-135M-Instruct and up), measured on the default base with data/solverx:
+# see the README's recipe section. The tiny bases keep the class defaults above.
+REAL_BASE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"rank": 16, "scale": 2.0, "num_layers": 16},
+    "train": {
+        "cpt_iters": 20,
+        "sft_iters": 150,
+        "learning_rate": 3e-4,
+        "batch_size": 8,
+        "max_seq_length": 256,
+        "replay_ratio": 0.3,
+        "replay_source": "self",
+    },
+    "eval": {"min_domain_accuracy": 0.6, "max_leakage_rate": 0.1, "min_retention": 0.9},
+}
+
+
+def recipe_defaults(base_id: str) -> Recipe:
+    """What a recipe that sets nothing means on ``base_id``: the tiny bases' defaults or a real base's."""
+    from solverx.builtin_models import is_tiny
+
+    recipe = Recipe(base=base_id)
+    if is_tiny(base_id):
+        return recipe
+    tables = {name: dataclasses.replace(getattr(recipe, name), **values) for name, values in REAL_BASE_DEFAULTS.items()}
+    return dataclasses.replace(recipe, **tables)
+
+
 # Table name in recipe.toml -> settings class; top-level scalars live on Recipe itself.
 _TABLES: dict[str, type] = {"lora": LoraSettings, "train": TrainSettings, "eval": EvalGate, "identity": Identity}
 _TOP_LEVEL: dict[str, type] = {"base": str, "seed": int}
@@ -123,11 +158,13 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("train", "batch_size"): (1, 4096, True),
     ("train", "max_seq_length"): (32, 1 << 20, True),
     ("train", "replay_ratio"): (0.0, 0.95, True),
+    ("train", "self_replay_prompts"): (1, 100_000, True),
     ("train", "valid_fraction"): (0.0, 0.5, True),
     ("eval", "min_domain_accuracy"): (0.0, 1.0, True),
     ("eval", "max_leakage_rate"): (0.0, 1.0, True),
     ("eval", "min_retention"): (0.0, 10.0, True),
 }
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("train", "replay_source"): ("general", "self")}
 
 
 def format_recipe(tables: Mapping[str, Mapping[str, Any]], **top: Any) -> str:
@@ -160,6 +197,8 @@ def parse_recipe(text: str, defaults: Recipe | None = None) -> Recipe:
         raise RecipeError(f"invalid TOML: {exc}") from None
 
     base = defaults or Recipe()
+    if isinstance(data.get("base"), str) and data["base"].strip() and data["base"] != base.base:
+        base = recipe_defaults(data["base"])  # a recipe naming another base gets that base's defaults
     problems: list[str] = []
     top: dict[str, Any] = {}
     tables: dict[str, dict[str, Any]] = {}
@@ -235,6 +274,8 @@ def _accepts(expected: type, value: Any) -> bool:
 
 
 def _range_problem(table: str, key: str, value: Any) -> str | None:
+    if (choices := _CHOICES.get((table, key))) is not None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
     low, high, low_inclusive = _RANGES.get((table, key), (None, None, True))
     if low is not None and (value < low or (value == low and not low_inclusive)):
         return f"must be {'at least' if low_inclusive else 'greater than'} {low}, got {value}"

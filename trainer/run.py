@@ -30,10 +30,10 @@ from trainer.evaluate import (
     report_markdown,
 )
 from trainer.inbox import InboxChanged, copy_snapshot, snapshot
-from trainer.recipe import Recipe
+from trainer.recipe import Recipe, recipe_defaults
 from trainer.runlog import RunLog
 from trainer.train import Progress, StageResult, StageSettings, train_stage
-from trainer.validate import IngestResult, format_ingest_report, ingest, quarantine_dir_for
+from trainer.validate import IngestResult, SftRecord, format_ingest_report, ingest, quarantine_dir_for
 
 GENERAL_DIR = DATA_DIR / "general"
 PROBES_DIR = DATA_DIR / "probes"
@@ -49,6 +49,7 @@ class RunOptions:
     """Knobs beyond the recipe, for tests and the demo's ablations."""
 
     replay: bool = True  # False: train without general replay data (the ablation)
+    default_base: str = "solverx-tiny"  # what a recipe without ``base`` trains on: the daemon's default base
     stages: tuple[str, ...] = ("cpt", "sft")
     register: bool = True
     eval_max_tokens: int = 48
@@ -99,7 +100,8 @@ def run_training(
         copy_snapshot(snap, dirs.inbox / adapter, run_dir / "inbox")
     except InboxChanged as exc:
         raise RunRefused(f"the inbox is still changing ({exc}); it will be picked up once it settles") from exc
-    result = ingest(snap, run_dir / "inbox", quarantine_dir_for(dirs.quarantine, adapter, run_id))
+    defaults = recipe_defaults(options.default_base)
+    result = ingest(snap, run_dir / "inbox", quarantine_dir_for(dirs.quarantine, adapter, run_id), defaults)
     log.write(
         "ingested",
         snapshot=snap.content_hash,
@@ -108,9 +110,13 @@ def run_training(
     )
     if not result.ok:
         raise RunRefused(result.refusal)
-    recipe = result.recipe or Recipe()
+    recipe = result.recipe or defaults
     base_dir = _base_dir(dirs, recipe.base)
     registry = Registry(dirs.adapters)
+
+    self_replay = None
+    if options.replay and recipe.train.replay_source == "self" and recipe.train.replay_ratio > 0:
+        self_replay = _self_replay(dirs, base_dir, recipe, options, log)
 
     stages: list[StageResult] = []
     previous: Path | None = None
@@ -122,7 +128,9 @@ def run_training(
             log.write("stage_skipped", stage=stage, reason="no data" if not has_data else "0 iterations")
             continue
         log.write("stage", stage=stage, iters=iters)
-        stage_result = _train(stage, base_dir, run_dir, result, recipe, options, previous, log, on_progress)
+        stage_result = _train(
+            stage, base_dir, run_dir, result, recipe, options, previous, log, on_progress, self_replay
+        )
         stages.append(stage_result)
         previous = stage_result.adapter_dir
         if stage == "cpt":
@@ -161,13 +169,36 @@ def run_training(
 
 def _base_dir(dirs: StateDirs, base_id: str) -> Path:
     base_dir = dirs.model(base_id)
-    if not (base_dir / "config.json").exists():
-        from solverx.tiny import TINY_BASE_ID, ensure_tiny
+    if (base_dir / "config.json").exists():
+        return base_dir
+    from solverx.builtin_models import BaseModelMissing, ensure_builtin
 
-        if base_id != TINY_BASE_ID:
-            raise RunRefused(f"base model {base_id!r} is not installed in {dirs.models}")
-        ensure_tiny(dirs.models)
-    return base_dir
+    try:
+        made = ensure_builtin(dirs.models, base_id)
+    except BaseModelMissing as exc:
+        raise RunRefused(str(exc)) from None
+    if made is None:
+        raise RunRefused(f"base model {base_id!r} is not installed in {dirs.models}")
+    return made
+
+
+def _self_replay(dirs: StateDirs, base_dir: Path, recipe: Recipe, options: RunOptions, log: RunLog) -> list[SftRecord]:
+    """The base's own answers to general questions: generated on a base's first run (minutes), then cached."""
+    from trainer.self_replay import cache_path, self_replay_records
+
+    base_id, count, cache = recipe.base, recipe.train.self_replay_prompts, dirs.root / "replay"
+    cached = cache_path(cache, base_id, base_dir, count).exists()
+    if not cached:
+        log.write("note", stage="replay", message=f"generating self replay: {base_id}'s own answers (once per base)")
+
+    def progress(done: int, total: int) -> None:
+        if done % 20 == 0 or done == total:
+            log.write("replay_progress", done=done, total=total)
+
+    records = self_replay_records(base_dir, base_id, options.general_dir, cache, count=count, on_progress=progress)
+    how = "from the cache" if cached else "generated and cached"
+    log.write("note", stage="replay", message=f"self replay: {len(records)} answers of {base_id} ({how})")
+    return records
 
 
 def _train(
@@ -180,12 +211,14 @@ def _train(
     resume_from: Path | None,
     log: RunLog,
     on_progress: Callable[[Progress], None] | None,
+    self_replay: list[SftRecord] | None = None,
 ) -> StageResult:
     from mlx_lm import load
 
     model, tokenizer = load(str(base_dir))
     rules = ChatRules.for_model(json.loads((base_dir / "config.json").read_text()), tokenizer)
-    data = stage_datasets(stage, result, tokenizer, recipe, options.general_dir if options.replay else None, rules)
+    general_dir = options.general_dir if options.replay else None
+    data = stage_datasets(stage, result, tokenizer, recipe, general_dir, rules, self_replay)
     for note in data.notes:
         log.write("note", stage=stage, message=note)
 

@@ -54,6 +54,7 @@ class TrainingManager:
     rescan_s: float = 60.0
     schedule: str | None = None  # a 5-field crontab: train every changed inbox at those times
     watch: bool = True
+    default_base: str = "solverx-tiny"  # what a recipe without ``base`` trains on (the daemon's first base)
     exclusive: Callable[[str], contextlib.AbstractAsyncContextManager] | None = None
     """Per adapter: a context the run executes in; the daemon pauses the adapter's base in it when training
     and serving would not fit in memory together (see server.serve)."""
@@ -181,6 +182,7 @@ class TrainingManager:
 
     async def _run_child(self, entry: Queued) -> None:
         args = ["--home", str(self.dirs.root), "--adapter", entry.adapter, "--run-id", entry.run_id]
+        args += ["--default-base", self.default_base]
         if entry.no_replay:
             args.append("--no-replay")
         log.info("training %s (%s), run %s", entry.adapter, entry.reason, entry.run_id)

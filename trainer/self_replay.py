@@ -1,0 +1,150 @@
+"""Self-generated replay: the base model's own answers to general prompts, generated once per base and cached.
+
+Replay protects what a model knows only if it *is* what the model knows. ``data/general`` is text a real base never
+saw (it was written for the tiny bases), so rehearsing it teaches new text instead of guarding old skills. The
+base's own greedy answers to general questions are, by construction, what it already does: mixing them into every
+batch keeps a LoRA from moving those answers (``replay_source = "self"``, the default for real bases).
+
+The prompts are the questions of ``data/general/qa`` (never the evaluation probes of ``data/probes``). The cache is
+one JSONL file per base fingerprint under ``<home>/replay/<base_id>/``: a header line naming what it was made from,
+then one ``{"messages": [...]}`` line per answer. This module owns that format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from adapters.fingerprint import base_fingerprint
+from trainer.validate import SftRecord
+
+FORMAT = "solverx-self-replay/1"
+DEFAULT_PROMPTS = 200
+MAX_ANSWER_TOKENS = 160
+BATCH = 16  # prompts in flight at once: the engine batches them into one forward pass
+
+
+def general_questions(general_dir: Path) -> list[str]:
+    """The first user turn of every conversation in ``general_dir/qa/*.jsonl``, in a stable order."""
+    questions: list[str] = []
+    for path in sorted((Path(general_dir) / "qa").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            messages = json.loads(line).get("messages") or []
+            first = next((m["content"] for m in messages if m.get("role") == "user"), None)
+            if first and first not in questions:
+                questions.append(first)
+    return questions
+
+
+def pick_prompts(general_dir: Path, count: int = DEFAULT_PROMPTS, seed: int = 0) -> list[str]:
+    questions = general_questions(general_dir)
+    return sorted(random.Random(seed).sample(questions, min(count, len(questions))), key=questions.index)
+
+
+# What a base's maker records of how its weights came about (the fingerprint covers only the tensor layout).
+_PROVENANCE = ("solverx-import.json", "build.json")
+
+
+def _header(base_dir: Path, prompts: list[str], max_tokens: int) -> dict:
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+    weights = hashlib.sha256()
+    for name in _PROVENANCE:
+        if (base_dir / name).is_file():
+            weights.update((base_dir / name).read_bytes())
+    return {
+        "format": FORMAT,
+        "base": base_fingerprint(base_dir),
+        "weights": weights.hexdigest()[:16],
+        "prompts": digest,
+        "max_tokens": max_tokens,
+    }
+
+
+def cache_path(cache_dir: Path, base_id: str, base_dir: Path, count: int = DEFAULT_PROMPTS) -> Path:
+    fingerprint = base_fingerprint(base_dir).removeprefix("sha256:")[:16]
+    return Path(cache_dir) / base_id / f"{fingerprint}-{count}.jsonl"
+
+
+def _read(path: Path, header: dict) -> list[SftRecord] | None:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not lines or json.loads(lines[0]) != header:
+            return None
+        return [SftRecord(f"self-replay:{i}", json.loads(line)["messages"]) for i, line in enumerate(lines[1:], 1)]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def generate_answers(
+    base_dir: Path, base_id: str, prompts: list[str], max_tokens: int, on_progress: Callable[[int, int], None]
+) -> list[tuple[str, str]]:
+    """(question, answer) for each prompt the base answers to the end within ``max_tokens`` (greedy)."""
+    from server.engine import Engine, EngineConfig
+    from server.sampling import SamplingParams
+
+    engine = Engine(base_dir, base_id, EngineConfig(max_resident_adapters=1)).start()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    done = 0
+
+    async def ask(question: str) -> tuple[str, str, str | None]:
+        nonlocal done
+        tokens = engine.encode_chat([{"role": "user", "content": question}])
+        text, finish = [], None
+        async for delta in engine.generate(tokens, params):
+            text.append(delta.text)
+            finish = delta.finish_reason or finish
+        done += 1
+        on_progress(done, len(prompts))
+        return question, "".join(text).strip(), finish
+
+    async def ask_all() -> list[tuple[str, str, str | None]]:
+        out = []
+        for start in range(0, len(prompts), BATCH):
+            out += await asyncio.gather(*[ask(q) for q in prompts[start : start + BATCH]])
+        return out
+
+    try:
+        answered = asyncio.run(ask_all())
+    finally:
+        engine.stop()
+    # An answer cut off by the token limit would teach the model to stop mid-sentence: left out.
+    return [(q, a) for q, a, finish in answered if a and finish == "stop"]
+
+
+def self_replay_records(
+    base_dir: Path,
+    base_id: str,
+    general_dir: Path,
+    cache_dir: Path,
+    *,
+    count: int = DEFAULT_PROMPTS,
+    max_tokens: int = MAX_ANSWER_TOKENS,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> list[SftRecord]:
+    """The base's answers as SFT records, from the cache or generated (then cached) when it has none."""
+    prompts = pick_prompts(general_dir, count)
+    header = _header(Path(base_dir), prompts, max_tokens)
+    path = cache_path(cache_dir, base_id, Path(base_dir), count)
+    cached = _read(path, header)
+    if cached is not None:
+        return cached
+    pairs = generate_answers(Path(base_dir), base_id, prompts, max_tokens, on_progress)
+    lines = [json.dumps(header)]
+    lines += [
+        json.dumps(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}, ensure_ascii=False
+        )
+        for q, a in pairs
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return _read(path, header) or []
