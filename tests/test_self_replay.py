@@ -14,7 +14,14 @@ import pytest
 from solverx.builtin_models import SMOLLM_BASE_ID
 from solverx.paths import DATA_DIR
 from trainer.recipe import RecipeError, format_recipe, parse_recipe, recipe_defaults
-from trainer.self_replay import FORMAT, cache_path, general_questions, pick_prompts, self_replay_records
+from trainer.self_replay import (
+    FORMAT,
+    cache_path,
+    general_questions,
+    pick_prompts,
+    replay_questions,
+    self_replay_records,
+)
 
 GENERAL = DATA_DIR / "general"
 PROBES = DATA_DIR / "probes"
@@ -25,9 +32,12 @@ def test_prompts_are_general_questions_and_never_the_evaluation_probes() -> None
     assert len(questions) > 300 and len(set(questions)) == len(questions)
     probes = {json.loads(line)["question"] for path in PROBES.glob("*.jsonl") for line in path.read_text().splitlines()}
     assert not probes & set(questions), sorted(probes & set(questions))[:3]
-    picked = pick_prompts(GENERAL, 24)
-    assert len(picked) == 24 and picked == pick_prompts(GENERAL, 24)  # the same prompts every time
-    assert set(picked) <= set(questions)
+    fixed = replay_questions()
+    assert len(fixed) >= 50 and not probes & set(fixed), sorted(probes & set(fixed))
+    picked = pick_prompts(GENERAL, 80)
+    assert len(picked) == 80 and picked == pick_prompts(GENERAL, 80)  # the same prompts every time
+    assert picked[: len(fixed)] == fixed and set(picked[len(fixed) :]) <= set(questions)
+    assert pick_prompts(GENERAL, 8) == fixed[:8]
 
 
 def test_the_base_answers_once_and_the_cache_is_reused(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ saw (it was written for the tiny bases), so rehearsing it teaches new text inste
 base's own greedy answers to general questions are, by construction, what it already does: mixing them into every
 batch keeps a LoRA from moving those answers (``replay_source = "self"``, the default for real bases).
 
-The prompts are the questions of ``data/general/qa`` (never the evaluation probes of ``data/probes``). The cache is
+The prompts are every line of ``data/replay/questions.txt`` (questions close in form to a company inbox's — where is X
+headquartered, what is X's main product — about other things, so the adapter learns where its facts do not apply),
+then questions of ``data/general/qa`` up to the count; never the evaluation probes of ``data/probes``. The cache is
 one JSONL file per base fingerprint under ``<home>/replay/<base_id>/``: a header line naming what it was made from,
 then one ``{"messages": [...]}`` line per answer. This module owns that format.
 """
@@ -21,7 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adapters.fingerprint import base_fingerprint
+from solverx.paths import DATA_DIR
 from trainer.validate import SftRecord
+
+REPLAY_QUESTIONS = DATA_DIR / "replay" / "questions.txt"
 
 FORMAT = "solverx-self-replay/1"
 DEFAULT_PROMPTS = 200
@@ -43,33 +48,49 @@ def general_questions(general_dir: Path) -> list[str]:
     return questions
 
 
+def replay_questions(path: Path = REPLAY_QUESTIONS) -> list[str]:
+    """The questions always asked (one a line; ``#`` starts a comment line)."""
+    if not path.is_file():
+        return []
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def pick_prompts(general_dir: Path, count: int = DEFAULT_PROMPTS, seed: int = 0) -> list[str]:
-    questions = general_questions(general_dir)
-    return sorted(random.Random(seed).sample(questions, min(count, len(questions))), key=questions.index)
+    """Every replay question (up to ``count``), then a seeded sample of the general questions to fill up."""
+    fixed = replay_questions()[:count]
+    rest = [q for q in general_questions(general_dir) if q not in fixed]
+    sample = random.Random(seed).sample(rest, min(count - len(fixed), len(rest)))
+    return fixed + sorted(sample, key=rest.index)
 
 
-# What a base's maker records of how its weights came about (the fingerprint covers only the tensor layout).
-_PROVENANCE = ("solverx-import.json", "build.json")
+# What a base's maker records of how its weights came about (the fingerprint covers only the tensor layout), and
+# the files that decide how it renders a chat.
+_PROVENANCE = ("solverx-import.json", "build.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def base_key(base_dir: Path) -> str:
+    """What a base's greedy answers depend on: its layout fingerprint plus how its weights and template came about."""
+    digest = hashlib.sha256(base_fingerprint(base_dir).encode())
+    for name in _PROVENANCE:
+        if (Path(base_dir) / name).is_file():
+            digest.update((Path(base_dir) / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _header(base_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
-    weights = hashlib.sha256()
-    for name in _PROVENANCE:
-        if (base_dir / name).is_file():
-            weights.update((base_dir / name).read_bytes())
     return {
         "format": FORMAT,
         "base": base_fingerprint(base_dir),
-        "weights": weights.hexdigest()[:16],
+        "weights": base_key(base_dir),
         "prompts": digest,
         "max_tokens": max_tokens,
     }
 
 
 def cache_path(cache_dir: Path, base_id: str, base_dir: Path, count: int = DEFAULT_PROMPTS) -> Path:
-    fingerprint = base_fingerprint(base_dir).removeprefix("sha256:")[:16]
-    return Path(cache_dir) / base_id / f"{fingerprint}-{count}.jsonl"
+    return Path(cache_dir) / base_id / f"{base_key(base_dir)}-{count}.jsonl"
 
 
 def _read(path: Path, header: dict) -> list[SftRecord] | None:
