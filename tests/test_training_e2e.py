@@ -258,6 +258,16 @@ def test_a_failing_gate_registers_a_rejected_version_and_keeps_serving_the_old_o
     assert finished_event(runs, run_id)["reasons"] == run["reasons"]
     assert "Gate: failed" in (daemon.home / "runs" / run_id / "report.md").read_text()
 
+    # The base was asked once, by the first run on it: its greedy answers are kept (eval-cache) and reused.
+    def base_answers(rid: str) -> dict:
+        report = json.loads((daemon.home / "runs" / rid / "report.json").read_text())
+        return {a["question"]: a["answer"] for s in report["models"]["base"]["answers"].values() for a in s}
+
+    first, now = base_answers(zorvik["run_id"]), base_answers(run_id)
+    assert {q: first[q] for q in now if q in first} == {q: a for q, a in now.items() if q in first}
+    cached = list((daemon.home / "eval-cache" / TINY_BASE_ID).glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text()).items() >= now.items()
+
     # ``zorvik`` still answers exactly as before; the rejected version is reachable only pinned.
     assert {q: ask(client, "zorvik", q) for q in questions} == before
     ask(client, f"zorvik@{run['version']}", questions[0])

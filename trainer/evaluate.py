@@ -13,7 +13,9 @@ All models run in one engine, concurrently, each request on its own adapter slot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -162,10 +164,18 @@ async def _score_model(
     probe_sets: dict[str, list[Probe]],
     terms: list[str],
     max_tokens: int,
+    known: dict[str, str] | None = None,
 ) -> ModelScores:
     scores = ModelScores(name=name)
+    known = {} if known is None else known  # question -> answer, read and filled in place
+
+    async def answer(question: str) -> str:
+        if question not in known:
+            known[question] = await _ask(engine, question, adapter, max_tokens)
+        return known[question]
+
     for set_name, probes in probe_sets.items():
-        answers = await asyncio.gather(*[_ask(engine, p.question, adapter, max_tokens) for p in probes])
+        answers = await asyncio.gather(*[answer(p.question) for p in probes])
         scored = []
         for probe, answer in zip(probes, answers, strict=True):
             if probe.kind == "offdomain":
@@ -193,15 +203,34 @@ def evaluate_models(
     probe_sets: dict[str, list[Probe]],
     terms: list[str],
     max_tokens: int = 64,
+    base_answers: Path | None = None,
 ) -> dict[str, ModelScores]:
-    """Score every named model (``None`` = the base) on every probe set, concurrently."""
+    """Score every named model (``None`` = the base) on every probe set, concurrently.
+
+    ``base_answers`` is a JSON file of the base's answers by question (greedy, so they never change for one base
+    and ``max_tokens``): read first, and whatever had to be asked is added, so later runs ask the base nothing.
+    Scores are always computed afresh, since leakage depends on the inbox's terms.
+    """
+    known: dict[str, str] = {}
+    if base_answers is not None and base_answers.is_file():
+        with contextlib.suppress(ValueError):
+            known = dict(json.loads(base_answers.read_text(encoding="utf-8")))
 
     async def run_all() -> list[ModelScores]:
         return await asyncio.gather(
-            *[_score_model(engine, n, a, probe_sets, terms, max_tokens) for n, a in models.items()]
+            *[
+                _score_model(engine, n, a, probe_sets, terms, max_tokens, known if a is None else None)
+                for n, a in models.items()
+            ]
         )
 
-    return {scores.name: scores for scores in asyncio.run(run_all())}
+    scores = {s.name: s for s in asyncio.run(run_all())}
+    if base_answers is not None:
+        base_answers.parent.mkdir(parents=True, exist_ok=True)
+        partial = base_answers.with_name(f".{base_answers.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=0, ensure_ascii=False), encoding="utf-8")
+        os.replace(partial, base_answers)
+    return scores
 
 
 def gate(report: EvalReport, candidate: str, thresholds: Thresholds, base: str = "base") -> EvalReport:

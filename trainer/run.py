@@ -138,7 +138,10 @@ def run_training(
     if previous is None:
         raise RunRefused("nothing to train: no stage had both data and iterations")
 
-    report = evaluate_candidate(base_dir, recipe.base, previous, registry, adapter, result, recipe, options)
+    answers_cache = dirs.root / "eval-cache"
+    report = evaluate_candidate(
+        base_dir, recipe.base, previous, registry, adapter, result, recipe, options, answers_cache
+    )
     (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     (run_dir / "report.md").write_text(report_markdown(report, CANDIDATE))
     _save_loss_chart(stages, run_dir / "loss.png")
@@ -265,8 +268,13 @@ def evaluate_candidate(
     result: IngestResult,
     recipe: Recipe,
     options: RunOptions,
+    answers_cache: Path | None = None,
 ) -> EvalReport:
-    """Base, the promoted version (if any) and the candidate on the same probes, in one engine."""
+    """Base, the promoted version (if any) and the candidate on the same probes, in one engine.
+
+    The base's answers are kept in ``answers_cache`` (greedy: the same for every run on that base), so only the
+    first run on a base asks it; every run still scores them against its own inbox.
+    """
     models: dict[str, AdapterRef | None] = {"base": None}
     promoted = registry.promoted(adapter) if adapter in registry.names() else None
     if promoted is not None and promoted.base_id == base_id:
@@ -280,7 +288,12 @@ def evaluate_candidate(
     terms = domain_terms(domain_texts, general_texts)
     engine = Engine(base_dir, base_id, EngineConfig(max_resident_adapters=len(models))).start()
     try:
-        scores = evaluate_models(engine, models, sets, terms, max_tokens=options.eval_max_tokens)
+        cached = None
+        if answers_cache is not None:
+            from trainer.self_replay import base_key
+
+            cached = answers_cache / base_id / f"{base_key(base_dir)}-{options.eval_max_tokens}.json"
+        scores = evaluate_models(engine, models, sets, terms, max_tokens=options.eval_max_tokens, base_answers=cached)
     finally:
         engine.stop()
     thresholds = Thresholds(
