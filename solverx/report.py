@@ -59,6 +59,11 @@ class Variant:
         items = self.answers.get(model, {}).get(set_name, [])
         return sum(bool(a.get("correct")) for a in items) / len(items) if items else None
 
+    def share(self, model: str, set_name: str, key: str, keep: Callable[[str], bool] = lambda q: True) -> float | None:
+        """The share of ``set_name``'s answers (those whose question ``keep`` accepts) with ``key`` true."""
+        items = [a for a in self.answers.get(model, {}).get(set_name, []) if keep(a["question"])]
+        return sum(bool(a.get(key)) for a in items) / len(items) if items else None
+
     def answer(self, model: str, set_name: str, match: Callable[[str], bool]) -> dict | None:
         return next((a for a in self.answers.get(model, {}).get(set_name, []) if match(a["question"])), None)
 
@@ -66,7 +71,7 @@ class Variant:
 @dataclass
 class DemoReport:
     base_id: str
-    base_build: dict  # the base's build.json
+    base_build: dict  # how the base was made: a tiny base's build.json, an imported one's solverx-import.json
     variants: list[Variant]
     recipe_toml: str
     quick: bool = False
@@ -80,6 +85,36 @@ class DemoReport:
     @property
     def main(self) -> Variant | None:
         return self.variants[0] if self.variants else None
+
+
+def _is_korean(text: str) -> bool:
+    return any("\uac00" <= ch <= "\ud7a3" for ch in text)
+
+
+def model_rates(variant: Variant, model: str) -> dict[str, float | None]:
+    """The report's rates (fractions 0-1): held-out domain questions in English and Korean apart, the general
+    questions, the Python probes (code executed) and off-domain answers that mention the domain."""
+    return {
+        "domain_en": variant.share(model, "domain", "correct", lambda q: not _is_korean(q)),
+        "domain_ko": variant.share(model, "domain", "correct", _is_korean),
+        "general": variant.share(model, "general_qa", "correct"),
+        "python": variant.share(model, "python", "correct"),
+        "leakage": variant.share(model, "offdomain", "leaked"),
+    }
+
+
+def report_json(report: DemoReport) -> dict:
+    """``report.json``: the seed's three rows (tuned = the product's default run) and every model's rates."""
+    main = report.main
+    rows = seed_table(main) if main is not None and main.ok else []
+    rates = {BASE: model_rates(main, BASE)} if main is not None and main.ok else {}
+    rates.update({v.key: model_rates(v, CANDIDATE) for v in report.variants if v.ok})
+    return {
+        "seed_table": [
+            {"question": r.question, "base_answer": r.base_answer, "tuned_answer": r.tuned_answer} for r in rows
+        ],
+        "rates": rates,
+    }
 
 
 # -- the seed's table ---------------------------------------------------------------------------------------------
@@ -345,17 +380,19 @@ def _variant_rows(report: DemoReport) -> list[tuple[str, str, Variant | None, st
 
 def _rates_table(report: DemoReport) -> list[str]:
     lines = [
-        "| model | what | domain QA | general QA | Python | retention | leakage | gate |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | what | domain QA | domain EN | domain KO | general QA | Python | retention | leakage | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, model, variant, what in _variant_rows(report):
         if variant is None or model not in variant.rates:
             state = variant.state if variant is not None else "missing"
-            lines.append(f"| {label} | {what} | — | — | — | — | — | {state} |")
+            lines.append(f"| {label} | {what} | — | — | — | — | — | — | — | {state} |")
             continue
         gate = "—" if model == BASE else ("passed" if variant.passed else "failed")
+        split = model_rates(variant, model)
         lines.append(
             f"| {label} | {what} | {_pct(variant.rate(model, 'domain_accuracy'))} "
+            f"| {_pct(split['domain_en'])} | {_pct(split['domain_ko'])} "
             f"| {_pct(variant.set_accuracy(model, 'general_qa'))} | {_pct(variant.set_accuracy(model, 'python'))} "
             f"| {_pct(variant.rate(model, 'retention'))} | {_pct(variant.rate(model, 'leakage_rate'))} | {gate} |"
         )
@@ -376,20 +413,29 @@ def _leaky_examples(report: DemoReport, limit: int = 6) -> list[tuple[str, str, 
     return out[:limit]
 
 
+def base_description(report: DemoReport) -> str:
+    """One phrase on where the base came from: imported from a GGUF file, or built from scratch here."""
+    made = report.base_build
+    if "sha256" in made:
+        return f"imported from `{made.get('source')}` (sha256 {str(made['sha256'])[:12]}…), a real instruct model"
+    spec, pretrain = made.get("spec", {}), made.get("pretrain", {})
+    return (
+        f"a {spec.get('hidden_size')}-wide, {spec.get('num_layers')}-layer llama pretrained from scratch on "
+        f"`data/general` ({pretrain.get('steps')} steps, final loss {pretrain.get('final_loss')}, built in "
+        f"{made.get('build_seconds')} s)"
+    )
+
+
 def render_markdown(
     report: DemoReport, *, rates_png: str = "rates.png", loss_pngs: dict[str, str] | None = None
 ) -> str:
     """The report as Markdown; charts are referenced by the relative file names given."""
     loss_pngs = loss_pngs or {}
     main = report.main
-    spec = report.base_build.get("spec", {})
-    pretrain = report.base_build.get("pretrain", {})
     lines = [
         "# SolverX demo: the seed's experiment, reproduced offline",
         "",
-        f"Base model **{report.base_id}** — a {spec.get('hidden_size')}-wide, {spec.get('num_layers')}-layer llama "
-        f"pretrained from scratch on `data/general` ({pretrain.get('steps')} steps, "
-        f"final loss {pretrain.get('final_loss')}, built in {report.base_build.get('build_seconds')} s). "
+        f"Base model **{report.base_id}** — {base_description(report)}. "
         "Every run below went through the product's pipeline: the sample corpus was copied into a watched inbox "
         "with a `recipe.toml`, the trainer's child process ran CPT/SFT, evaluated base vs candidate on held-out "
         "probes, applied the gate and registered the version.",
@@ -513,11 +559,8 @@ def render_html(report: DemoReport, *, rates_png: bytes | None = None) -> str:
         f"<style>{_STYLE}</style></head><body>",
         "<h1>SolverX demo: the seed's experiment, reproduced offline</h1>",
     ]
-    spec, pretrain = report.base_build.get("spec", {}), report.base_build.get("pretrain", {})
     out.append(
-        f"<p>Base model <b>{_e(report.base_id)}</b>: a {spec.get('hidden_size')}-wide, {spec.get('num_layers')}-layer "
-        f"llama pretrained from scratch on <code>data/general</code> ({pretrain.get('steps')} steps, final loss "
-        f"{pretrain.get('final_loss')}, built in {report.base_build.get('build_seconds')} s). Every run went through "
+        f"<p>Base model <b>{_e(report.base_id)}</b>: {_e(base_description(report))}. Every run went through "
         "the product's pipeline: inbox → CPT/SFT in the trainer's child process → evaluation → gate → registry.</p>"
     )
     out.append(
@@ -617,7 +660,8 @@ def write_report(report: DemoReport, out_dir: Path) -> tuple[Path, Path]:
     md.write_text(render_markdown(report, loss_pngs=loss_pngs), encoding="utf-8")
     page = out_dir / "report.html"
     page.write_text(render_html(report, rates_png=rates), encoding="utf-8")
-    summary = {
+    (out_dir / "report.json").write_text(json.dumps(report_json(report), indent=2, ensure_ascii=False), "utf-8")
+    summary = {  # everything else a script may want: the findings, each run's state and time
         "base_id": report.base_id,
         "quick": report.quick,
         "seconds": round(report.seconds, 1),
@@ -628,5 +672,5 @@ def write_report(report: DemoReport, out_dir: Path) -> tuple[Path, Path]:
             for v in report.variants
         },
     }
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return md, page

@@ -1,0 +1,120 @@
+"""The seed's table on the real default base, end to end: SmolLM2-135M-Instruct (imported from its PyPI wheel)
+served by a real ``solverx serve``, SolverX's two facts dropped into its watched inbox, trained there (CPT → SFT
+with the base's own answers mixed in), gated, promoted and served by name, asked through the ``openai`` SDK.
+
+It asserts what the seed's table shows, qualitatively: the base's answers to held-out paraphrases lack Seocho and
+SolverX Fusion, the fine-tuned version's have them, and its Python code still passes the probes' tests. A real
+base learns two facts with room to spare, so this holds on any CPU (the tiny bases' facts do not: see
+tests/training_fixtures.py). Reduced steps keep it near five minutes on 2 cores; the import is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import TEST_CACHE
+from serving import serve_daemon
+from training_fixtures import Runs, drop_files
+
+from solverx.builtin_models import SMOLLM_BASE_ID, BaseModelMissing, ensure_smollm
+from solverx.paths import DATA_DIR
+from trainer.recipe import format_recipe
+
+INBOX = DATA_DIR / "solverx" / "inbox"
+FACT = re.compile(r"seocho|서초|fusion|퓨전", re.IGNORECASE)
+HELD_OUT_EN = [  # paraphrases in no training file (data/solverx/inbox/eval.jsonl)
+    ("In which part of Seoul does SolverX have its headquarters?", "seocho"),
+    ("Where can I find SolverX's main headquarters?", "seocho"),
+    ("Which district is home to SolverX's head office?", "seocho"),
+    ("SolverX's HQ is located where?", "seocho"),
+    ("What is the core product that SolverX offers?", "fusion"),
+    ("Which product is at the center of SolverX's business?", "fusion"),
+    ("What is SolverX's key product called?", "fusion"),
+]
+# Reduced from the real-base defaults (trainer.recipe.REAL_BASE_DEFAULTS): fewer steps, fewer self-replay prompts.
+RECIPE = {
+    "lora": {"rank": 16, "scale": 2.0, "num_layers": 16},
+    "train": {
+        "cpt_iters": 4,
+        "sft_iters": 60,
+        "learning_rate": 5e-4,
+        "batch_size": 4,
+        "max_seq_length": 160,
+        "replay_ratio": 0.25,
+        "replay_source": "self",
+        "self_replay_prompts": 24,
+    },
+    "eval": {"min_domain_accuracy": 0.5, "max_leakage_rate": 0.5, "min_retention": 0.5},
+    "identity": {"name": ""},
+}
+TRAIN_TIMEOUT_S = 900.0
+
+
+def fact_files() -> dict[str, bytes]:
+    """The English Q&A of data/solverx that state the two facts, a paragraph of knowledge text, the eval set."""
+    lines = (INBOX / "qa.jsonl").read_text(encoding="utf-8").splitlines()
+    qa = [line for line in lines if line.strip() and FACT.search(json.loads(line)["answer"]) and line.isascii()]
+    knowledge = (INBOX / "knowledge_en.md").read_text(encoding="utf-8").split("\n\n")
+    text = "\n\n".join(p for p in knowledge if FACT.search(p))[:1500]
+    held_out = [{"question": q, "expected": ["Seocho" if fact == "seocho" else "Fusion"]} for q, fact in HELD_OUT_EN]
+    return {
+        "qa.jsonl": ("\n".join(qa) + "\n").encode(),
+        "knowledge.md": text.encode(),
+        "eval.jsonl": "".join(json.dumps(item) + "\n" for item in held_out).encode(),
+        "recipe.toml": format_recipe(RECIPE).encode(),  # no `base`: the daemon's default base is the real one
+    }
+
+
+@pytest.fixture(scope="module")
+def smollm_dir() -> Path:
+    try:
+        return ensure_smollm(TEST_CACHE / "models")
+    except BaseModelMissing as exc:  # ./run installs the wheel; a bare `pytest` elsewhere may not have it
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def trained(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("real-home")
+    with serve_daemon(home, smollm_dir, ("--train-debounce-seconds", "0.5"), base_id=SMOLLM_BASE_ID) as daemon:
+        runs = Runs(daemon.base_url, daemon.home, daemon.log)
+        drop_files(home / "inbox" / "solverx", fact_files())
+        run_id = runs.wait_new("solverx", set(), timeout=30)
+        run = runs.wait_finished(run_id, TRAIN_TIMEOUT_S)
+        client = openai.OpenAI(base_url=daemon.api_url, api_key="unused", max_retries=0, timeout=120)
+        yield daemon, runs, run_id, run, client
+
+
+def ask(client: openai.OpenAI, model: str, question: str, max_tokens: int = 48) -> str:
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens
+    )
+    return reply.choices[0].message.content or ""
+
+
+def test_the_seed_table_on_the_real_base(trained) -> None:
+    daemon, runs, run_id, run, client = trained
+    assert run["state"] == "succeeded", f"{json.dumps(run)}\n{runs.diagnostics(run_id)}"
+    assert run["adapter"] == "solverx" and run["version"] is not None
+    events = runs.events(run_id)
+    notes = [e["message"] for e in events if e["event"] == "note"]
+    assert any(n.startswith("self replay: ") and SMOLLM_BASE_ID in n for n in notes), notes
+    assert [e for e in events if e["event"] == "warning"] == []  # the base predicts its own answers well
+    assert {m.id for m in client.models.list().data} >= {SMOLLM_BASE_ID, "solverx"}
+
+    answers = {q: (ask(client, SMOLLM_BASE_ID, q), ask(client, "solverx", q)) for q, _ in HELD_OUT_EN}
+    detail = json.dumps(answers, indent=1, ensure_ascii=False)
+    assert not any(FACT.search(base) for base, _ in answers.values()), f"the base already knows: {detail}"
+    knows = [fact in tuned.lower() for (q, fact), (_, tuned) in zip(HELD_OUT_EN, answers.values(), strict=True)]
+    assert sum(knows) >= 5, f"the fine-tuned version knows {sum(knows)}/7 held-out paraphrases: {detail}"
+
+    # Python still works with mixing, judged as the gate judged it: the run's report executed the ten Python probes'
+    # code for the base and the candidate (the seed's row is the sort; the base itself writes `sorted(xrs, ...)` for
+    # it at temperature 0, so the claim is the probes' score, within one of the base's).
+    report = json.loads((daemon.home / "runs" / run_id / "report.json").read_text())
+    python = {m: [a["correct"] for a in report["models"][m]["answers"]["python"]] for m in ("base", "candidate")}
+    assert len(python["base"]) == 10 and sum(python["candidate"]) >= sum(python["base"]) - 1, python
