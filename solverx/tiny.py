@@ -10,7 +10,6 @@ that key changes, and every build appears atomically (a temporary directory rena
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -18,8 +17,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from mlx_lm.models import llama
 
 from solverx import blas, tokenizer_build
 from solverx import pretrain as pretraining
-from solverx.paths import DATA_DIR
+from solverx.paths import DATA_DIR, exclusive, swap_into_place
 from solverx.tokenizer_build import END_OF_TEXT, IM_END, IM_START
 
 TINY_BASE_ID = "solverx-tiny"
@@ -341,32 +339,10 @@ def build_tiny(out_dir: Path, spec: TinySpec = TinySpec(), *, progress: bool = T
             "blas": "openblas" if blas.openblas_loaded() else "bundled",  # weights depend on it (see docstring)
         }
         (staging / BUILD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _swap_into_place(staging, out_dir)
+        swap_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an old ``target`` is moved aside first and deleted after."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise builds of one model between processes (tests, the daemon, a CLI) with an advisory lock."""
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_tiny(
@@ -383,7 +359,7 @@ def ensure_tiny(
     if stored_build_key(target) == key:
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(models_dir / f".{base_id}.lock"):
+    with exclusive(models_dir / f".{base_id}.lock"):
         if stored_build_key(target) == key:  # another process built it while we waited
             return target
         for leftover in models_dir.glob(f".{base_id}.*-*"):  # from builds that were killed

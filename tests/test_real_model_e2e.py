@@ -40,15 +40,16 @@ RECIPE = {
     "lora": {"rank": 16, "scale": 2.0, "num_layers": 16},
     "train": {
         "cpt_iters": 4,
-        "sft_iters": 60,
-        "learning_rate": 5e-4,
+        "sft_iters": 50,
+        "learning_rate": 3e-4,
         "batch_size": 4,
-        "max_seq_length": 160,
-        "replay_ratio": 0.25,
+        "max_seq_length": 192,
+        "replay_ratio": 0.5,
         "replay_source": "self",
-        "self_replay_prompts": 24,
+        "self_replay_prompts": 60,  # data/replay/questions.txt alone
     },
-    "eval": {"min_domain_accuracy": 0.5, "max_leakage_rate": 0.5, "min_retention": 0.5},
+    # Measured at this budget: held-out 7/7 (base 0/7), general 22/33 (base 20), Python 8/10 (base 7), leakage 2/34.
+    "eval": {"min_domain_accuracy": 0.5, "max_leakage_rate": 0.25, "min_retention": 0.8},
     "identity": {"name": ""},
 }
 TRAIN_TIMEOUT_S = 900.0
