@@ -161,7 +161,15 @@ def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False)
             kind = event["event"]
             if kind == "ingested":
                 print(event["report"])
+            elif kind == "note" and event.get("stage") == "replay":
+                print(event["message"])
+            elif kind == "replay_progress":  # the base answering its replay questions, once per base
+                if bar is None or bar.desc != "self replay":
+                    bar = tqdm(total=event["total"], desc="self replay", unit="answer")
+                bar.update(event["done"] - bar.n)
             elif kind == "stage":
+                if bar is not None:
+                    bar.close()
                 bar = tqdm(total=event["iters"], desc=event["stage"], unit="step")
             elif kind == "progress" and bar is not None:
                 bar.update(event["step"] - bar.n)

@@ -152,7 +152,11 @@ def run_child(
     for event in run.events(poll_seconds=0.25):
         kind = event["event"]
         elapsed = time.perf_counter() - started
-        if kind == "stage":
+        if kind == "note" and event.get("stage") == "replay":
+            say(f"{label}  {event['message']}")
+        elif kind == "replay_progress" and event["done"] % 40 == 0:
+            say(f"{label}  self replay {event['done']}/{event['total']} answers  [{elapsed:.0f} s]")
+        elif kind == "stage":
             say(f"{label}  {event['stage']}: {event['iters']} steps")
         elif kind == "progress" and (time.monotonic() - last_report > 5 or event["step"] == event["total"]):
             last_report = time.monotonic()
