@@ -101,7 +101,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
         "require 'Authorization: Bearer <key>'; prefer the env var to the flag",
     ),
     SettingField("home", "path", default_home, "state dir: models, adapters, inbox, runs, logs"),
-    SettingField("default_model", "string or none", None, "model used when a request names none (unset: the first base)"),
+    SettingField(
+        "default_model", "string or none", None, "model used when a request names none (unset: the first base)"
+    ),
     SettingField("base_models", "list", (SMOLLM_BASE_ID,), "base model ids or dirs to serve (comma-separated)"),
     SettingField("max_resident_adapters", "integer", 8, "adapters kept in memory at once (LRU)", minimum=1),
     SettingField("max_adapter_bytes", "size", 512 * MiB, "largest adapter accepted, e.g. 512MiB", minimum=1),
