@@ -169,13 +169,13 @@ async def _score_model(
     scores = ModelScores(name=name)
     known = {} if known is None else known  # question -> answer, read and filled in place
 
-    async def answer(question: str) -> str:
+    async def ask_once(question: str) -> str:
         if question not in known:
             known[question] = await _ask(engine, question, adapter, max_tokens)
         return known[question]
 
     for set_name, probes in probe_sets.items():
-        answers = await asyncio.gather(*[answer(p.question) for p in probes])
+        answers = await asyncio.gather(*[ask_once(p.question) for p in probes])
         scored = []
         for probe, answer in zip(probes, answers, strict=True):
             if probe.kind == "offdomain":
