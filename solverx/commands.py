@@ -64,7 +64,9 @@ def adapters_command(args: argparse.Namespace, settings: Settings) -> int:
     if action == "register":
         from solverx.paths import state_dirs
 
-        base = args.base or settings.default_model
+        known = registry.versions(name) if name in registry.names() else []
+        # a new version of a known adapter goes on the base its versions are on; a new adapter on the default base
+        base = args.base or (known[-1].base_id if known else settings.default_model or default_base_id(settings))
         info = registry.register(
             Path(args.path), name, base_id=base, base_dir=state_dirs(settings.home).model(base), promote=args.promote
         )
@@ -126,6 +128,12 @@ def _daemon(settings: Settings, method: str, path: str, **kwargs) -> Any | None:
     return response.json()
 
 
+def default_base_id(settings: Settings) -> str:
+    """The daemon's default base: the first it serves (a directory is named after itself, as ``serve`` names it)."""
+    first = settings.base_models[0]
+    return Path(first).expanduser().name if Path(first).expanduser().is_dir() else first
+
+
 def train_command(args: argparse.Namespace, settings: Settings) -> int:
     """Queue a run on the daemon, or with ``--now`` run it here, in the foreground, with a progress bar."""
     if not args.now:
@@ -151,9 +159,7 @@ def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False)
     if not (dirs.inbox / adapter).is_dir():
         print(f"solverx: no inbox folder {dirs.inbox / adapter}: put knowledge files there first", file=sys.stderr)
         return 2
-    first = settings.base_models[0]  # the daemon's default base: a recipe without `base` trains on it
-    default_base = Path(first).expanduser().name if Path(first).expanduser().is_dir() else first
-    run = start_child(dirs, adapter, replay=not no_replay, default_base=default_base)
+    run = start_child(dirs, adapter, replay=not no_replay, default_base=default_base_id(settings))
     run_id, run_dir = run.run_id, run.run_dir
     bar, finished = None, None
     try:
