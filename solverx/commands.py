@@ -243,7 +243,7 @@ def prepare_command(args: argparse.Namespace, settings: Settings) -> int:
     if choice == "keep" and not is_gguf:
         print("solverx: --q-bits keep applies to a .gguf file only", file=sys.stderr)
         return 2
-    q_bits = {"none": None, "keep": "keep"}.get(choice) or int(choice)
+    q_bits = {"none": None, "keep": "keep"}[choice] if choice in ("none", "keep") else int(choice)
     out = Path(args.out) if args.out else None
     if args.register:
         out = state_dirs(settings.home).model(args.register)

@@ -747,6 +747,11 @@ def test_cli_prepare_dispatches_a_gguf(tmp_path: Path, capsys) -> None:
     )
     assert prepare_command(args, settings=None) == 0
     assert "imported from GGUF, 8-bit" in capsys.readouterr().out
+    args = argparse.Namespace(
+        checkpoint=str(tmp_path / "m.gguf"), out=str(tmp_path / "f32"), register=None, q_bits="none"
+    )
+    assert prepare_command(args, settings=None) == 0  # --q-bits none: every tensor float32
+    assert "imported from GGUF, unquantized" in capsys.readouterr().out
     bad = replace(spec, arch="phi3")
     write_gguf(tmp_path / "bad.gguf", bad, {"model.embed_tokens.weight": np.zeros((bad.vocab, 64), np.float32)})
     args = argparse.Namespace(
