@@ -111,9 +111,6 @@ def ensure_smollm(models_dir: Path, *, q_bits: int | None = SMOLLM_Q_BITS, progr
     return target
 
 
-BUILTIN_BASES = (SMOLLM_BASE_ID, "solverx-tiny")
-
-
 def ensure_builtin(models_dir: Path, base_id: str, *, progress: bool = True) -> Path | None:
     """The directory of built-in base ``base_id``, made on first use; None when ``base_id`` is not built in."""
     if base_id == SMOLLM_BASE_ID:

@@ -168,4 +168,4 @@ def self_replay_records(
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(partial, path)
-    return _read(path, header) or []
+    return [SftRecord(f"self-replay:{i}", json.loads(line)["messages"]) for i, line in enumerate(lines[1:], 1)]
