@@ -87,6 +87,23 @@ def test_one_pass_covers_each_domain_sample_once_and_keeps_offsets() -> None:
     assert batch.shape[0] == 3 and sorted(np.array(lengths)[:, 1].tolist()) == [4, 5, 6]
 
 
+def test_batches_group_sequences_of_like_length_so_short_ones_skip_long_padding() -> None:
+    # Short Q&A and long chats, as in a real inbox: a batch is padded to its longest row.
+    domain = SequenceDataset([Sample([1] * (32 if i % 2 else 224), 1, f"d{i}", "sft") for i in range(256)])
+    replay = SequenceDataset([Sample([2] * (32 if i % 2 else 224), 1, f"r{i}", "replay") for i in range(64)])
+    data = MixedDataset(domain, replay, ratio=0.25, seed=0)
+    padded = real = mixed = 0
+    batches = list(mixed_batches(data, 4, 512))
+    for batch, lengths in batches:
+        widths = np.array(lengths)[:, 1]
+        padded, real = padded + batch.size, real + int(widths.sum())
+        mixed += int(widths.min() < 100 < widths.max())
+    assert mixed <= 12, f"{mixed} of {len(batches)} batches mix short and long sequences"  # at random: ~70
+    assert padded < 1.3 * real, padded / real  # drawn at random, about two in three batches would pay for a long row
+    counts = Counter(kinds_of(batch).count("replay") for batch, _ in batches)
+    assert counts[1] >= len(batches) - 1  # and still one replay sequence in every batch of four
+
+
 def test_batch_shape_follows_mlx_lm_padding_and_truncation() -> None:
     long = SequenceDataset([Sample(list(range(1, 41)), 0, "long", "cpt"), Sample([5, 6], 0, "short", "cpt")])
     (batch, lengths), *_ = mixed_batches(long, 2, 1000)

@@ -38,6 +38,7 @@ from trainer.validate import IngestResult, LineError, SftRecord, TextDoc, parse_
 
 GENERAL_TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".py")
 PAD_TO = 32  # as mlx-lm: pad each batch to one plus a multiple of 32 so compiled shapes repeat
+BUCKET_WINDOW = 32  # batches planned at once and sorted by length (see _mixed_stream)
 
 
 @dataclass(frozen=True)
@@ -432,7 +433,14 @@ def stage_datasets(
 
 def _mixed_stream(dataset: Any, batch_size: int, seed: int, loop: bool) -> Iterator[list[tuple[list[int], int]]]:
     """Global batches of (tokens, offset); each sequence drawn from domain or replay so the running replay share
-    tracks the ratio exactly, with the replay slots shuffled within each batch."""
+    tracks the ratio exactly, with the replay slots shuffled within each batch.
+
+    Batches are planned :data:`BUCKET_WINDOW` at a time: the window's domain draws and its replay draws are each
+    sorted by length and dealt out in that order, so a batch holds sequences of like length, and the window's batches
+    are then shuffled. A batch is padded to its longest row, so this is what keeps short Q&A from paying for a long
+    chat's padding (mlx-lm's ``iterate_batches`` sorts its whole dataset by length for the same reason); the replay
+    share of every batch and the single pass over the domain set are exactly as without it.
+    """
     if isinstance(dataset, MixedDataset):
         domain, replay, ratio = dataset.domain, dataset.replay, dataset.effective_ratio
     else:
@@ -445,26 +453,41 @@ def _mixed_stream(dataset: Any, batch_size: int, seed: int, loop: bool) -> Itera
         while True:
             yield from rng.permutation(len(ds)).tolist()
 
+    def by_length(ds: Any, indices: list[int]) -> list[int]:
+        return sorted(indices, key=lambda i: len(ds[i][0]))
+
     domain_order = iter(rng.permutation(len(domain)).tolist()) if not loop else cycle(domain)
     replay_order = cycle(replay) if ratio > 0 else iter(())
     drawn = replayed = from_domain = 0
     while loop or from_domain < len(domain):
-        want = round(ratio * (drawn + batch_size)) - replayed
-        slots = np.zeros(batch_size, dtype=bool)
-        slots[rng.permutation(batch_size)[: max(0, min(want, batch_size))]] = True
-        batch = []
-        for is_replay in slots.tolist():
-            if is_replay:
-                batch.append(replay[next(replay_order)])
-                replayed += 1
-            else:
-                index = next(domain_order, None)
-                if index is None:
-                    break
-                batch.append(domain[index])
-                from_domain += 1
-            drawn += 1
-        yield batch
+        plans: list[np.ndarray] = []  # per batch: which slots hold a replay sequence
+        domain_picks: list[int] = []
+        for _ in range(BUCKET_WINDOW):
+            want = round(ratio * (drawn + batch_size)) - replayed
+            slots = np.zeros(batch_size, dtype=bool)
+            slots[rng.permutation(batch_size)[: max(0, min(want, batch_size))]] = True
+            taken = [i for _, i in zip(range(int((~slots).sum())), domain_order, strict=False)]
+            if not taken and not slots.all():
+                break  # one pass over the domain set is done
+            if len(taken) < (~slots).sum():  # the pass ends inside this batch: drop its unfilled domain slots
+                slots = np.concatenate([slots[slots], np.zeros(len(taken), dtype=bool)])
+                rng.shuffle(slots)
+            plans.append(slots)
+            domain_picks += taken
+            drawn += len(slots)
+            replayed += int(slots.sum())
+            from_domain += len(taken)
+            if not loop and from_domain >= len(domain):
+                break
+        replay_picks = [next(replay_order) for _ in range(sum(int(plan.sum()) for plan in plans))]
+        domain_sorted = iter(by_length(domain, domain_picks))
+        replay_sorted = iter(by_length(replay, replay_picks)) if replay_picks else iter(())
+        batches = [
+            [replay[next(replay_sorted)] if is_replay else domain[next(domain_sorted)] for is_replay in plan.tolist()]
+            for plan in plans
+        ]
+        for index in rng.permutation(len(batches)).tolist():
+            yield batches[index]
 
 
 def mixed_batches(
