@@ -78,6 +78,7 @@ class DemoReport:
     seconds: float = 0.0
     created: str = ""
     home: str = ""
+    languages: tuple[str, ...] = ("en", "ko")  # the corpus's languages trained on; the probes ask in all
 
     def variant(self, key: str) -> Variant | None:
         return next((v for v in self.variants if v.key == key), None)
@@ -85,6 +86,18 @@ class DemoReport:
     @property
     def main(self) -> Variant | None:
         return self.variants[0] if self.variants else None
+
+
+def languages_note(report: DemoReport) -> str:
+    """What part of the bilingual corpus was trained on, when not all of it ("" when all)."""
+    names = {"en": "English", "ko": "Korean"}
+    if set(report.languages) >= set(names):
+        return ""
+    kept = " and ".join(names.get(code, code) for code in report.languages)
+    return (
+        f"{kept} files and lines only (the base was pretrained on {kept}; `--languages en,ko` trains on all): "
+        "the held-out probes are still asked in both languages"
+    )
 
 
 def _is_korean(text: str) -> bool:
@@ -440,6 +453,7 @@ def render_markdown(
         "with a `recipe.toml`, the trainer's child process ran CPT/SFT, evaluated base vs candidate on held-out "
         "probes, applied the gate and registered the version.",
         "",
+        *([f"Trained on the corpus's {languages_note(report)}.", ""] if languages_note(report) else []),
         f"{'**Quick mode** (fewer training steps): numbers are rougher than a full run. ' if report.quick else ''}"
         f"Total time {report.seconds / 60:.1f} min. Created {report.created}.",
         "",
@@ -563,6 +577,8 @@ def render_html(report: DemoReport, *, rates_png: bytes | None = None) -> str:
         f"<p>Base model <b>{_e(report.base_id)}</b>: {_e(base_description(report))}. Every run went through "
         "the product's pipeline: inbox → CPT/SFT in the trainer's child process → evaluation → gate → registry.</p>"
     )
+    if languages_note(report):
+        out.append(f"<p>Trained on the corpus's {_e(languages_note(report))}.</p>")
     out.append(
         f"<p>{'<b>Quick mode</b> (fewer training steps). ' if report.quick else ''}Total time "
         f"{report.seconds / 60:.1f} min. Created {_e(report.created)}.</p>"
@@ -664,6 +680,7 @@ def write_report(report: DemoReport, out_dir: Path) -> tuple[Path, Path]:
     summary = {  # everything else a script may want: the findings, each run's state and time
         "base_id": report.base_id,
         "quick": report.quick,
+        "languages": list(report.languages),
         "seconds": round(report.seconds, 1),
         "seed_table": [vars(r) for r in seed_table(report.main)] if report.main and report.main.ok else [],
         "findings": [vars(f) for f in findings(report)],

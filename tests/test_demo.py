@@ -245,3 +245,32 @@ def test_each_run_gets_a_recipe_the_trainer_reads_back() -> None:
         defaults = recipe_defaults(base_id)
         assert (recipe.lora, recipe.eval) == (defaults.lora, defaults.eval)
     assert budget("smollm2-135m-instruct") == recipe_defaults("smollm2-135m-instruct").train  # the product's own
+
+
+def test_an_english_base_is_given_the_english_part_of_the_corpus_and_every_probe(tmp_path: Path) -> None:
+    from solverx.demo import SAMPLE_INBOX, language_of, languages_for, stage_inbox
+    from solverx.paths import StateDirs
+
+    dirs = StateDirs(tmp_path).create()
+    english = stage_inbox(dirs, "en", "seed = 0\n", languages=languages_for("smollm2-135m-instruct"))
+    both = stage_inbox(dirs, "all", "seed = 0\n")
+    hangul = re.compile("[\uac00-\ud7a3]")
+    assert {p.name for p in both.iterdir()} == {p.name for p in SAMPLE_INBOX.iterdir()} | {"recipe.toml"}
+    assert not (english / "knowledge_ko.md").exists() and (english / "knowledge_en.md").exists()
+    assert (english / "eval.jsonl").read_bytes() == (SAMPLE_INBOX / "eval.jsonl").read_bytes()  # Korean probes too
+    qa_all = (both / "qa.jsonl").read_text(encoding="utf-8").splitlines()
+    qa_en = (english / "qa.jsonl").read_text(encoding="utf-8").splitlines()
+    assert qa_en == [line for line in qa_all if language_of(line) == "en"]
+    assert 100 < len(qa_en) < len(qa_all) and not any(hangul.search(json.loads(line)["question"]) for line in qa_en)
+    assert language_of("SolverX's Korean name is 솔버엑스.") == "en"
+    assert language_of("솔버엑스 본사는 서초동에 있다.") == "ko"
+    assert languages_for("solverx-tiny-chat") == ("en", "ko")
+
+
+def test_the_demo_refuses_a_language_the_corpus_does_not_have(capsys) -> None:
+    from solverx.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--languages", "ko,en"]).languages == ("ko", "en")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--languages", "fr"])
+    assert "unknown language fr" in capsys.readouterr().err
