@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from adapters.errors import InvalidAdapterName
+from solverx.adapters.errors import InvalidAdapterName
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,8}")

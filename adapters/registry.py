@@ -32,9 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import AdapterConflict, AdapterNotFound, InvalidAdapter, VersionNotFound
-from adapters.names import NAME_PATTERN, format_model_name, validate_name
-from adapters.validate import (
+from solverx.adapters.errors import AdapterConflict, AdapterNotFound, InvalidAdapter, VersionNotFound
+from solverx.adapters.names import NAME_PATTERN, format_model_name, validate_name
+from solverx.adapters.validate import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,

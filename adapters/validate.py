@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from adapters.errors import AdapterError, BaseMismatch, InvalidAdapter
-from adapters.fingerprint import base_fingerprint
+from solverx.adapters.errors import AdapterError, BaseMismatch, InvalidAdapter
+from solverx.adapters.fingerprint import base_fingerprint
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

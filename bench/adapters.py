@@ -60,8 +60,8 @@ def make_adapters(model_dir: Path, out: Path, count: int, rank: int = 8) -> list
     """Random LoRA adapters on every projection of every layer, in mlx-lm's format."""
     import mlx.core as mx
 
-    from adapters.lora import DEFAULT_KEYS
-    from adapters.validate import base_linear_shapes
+    from solverx.adapters.validate import base_linear_shapes
+    from solverx.engine.lora import DEFAULT_KEYS
 
     shapes = base_linear_shapes(model_dir)
     layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client in the concurrent loads")
     args = parser.parse_args()
 
-    from solverx.tiny import BENCH_SPEC, ensure_tiny
+    from solverx.models.tiny import BENCH_SPEC, ensure_tiny
 
     cache = REPO / ".state" / "bench" / "models"
     model_dir = ensure_tiny(cache, BENCH_SPEC, base_id=BASE_ID)

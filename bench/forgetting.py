@@ -78,8 +78,8 @@ def train_lora(model, tokenizer, domain, replay, *, steps: int, lr: float, scale
     import mlx.optimizers as optim
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from adapters.lora import DEFAULT_KEYS
-    from trainer.datasets import build_sft_dataset
+    from solverx.engine.lora import DEFAULT_KEYS
+    from solverx.trainer.datasets import build_sft_dataset
 
     model.freeze()
     lora = {"rank": 16, "scale": scale, "dropout": 0.0, "keys": list(DEFAULT_KEYS)}
@@ -107,7 +107,7 @@ def train_lora(model, tokenizer, domain, replay, *, steps: int, lr: float, scale
 
 
 def score(model, tokenizer, ask, held_out) -> dict[str, str]:
-    from trainer.evaluate import contains_expected, load_probes, mentions, run_code_probe
+    from solverx.trainer.evaluate import contains_expected, load_probes, mentions, run_code_probe
 
     probes = DATA / "probes"
     domain = sum(contains_expected(ask(model, tokenizer, e["question"]), e["expected"]) for e in held_out)
@@ -135,8 +135,8 @@ def main() -> None:
 
     from mlx_lm import generate, load
 
+    from solverx.models.tiny import CHAT_BASE_ID, CHAT_SPEC, ensure_tiny
     from solverx.paths import state_dirs
-    from solverx.tiny import CHAT_BASE_ID, CHAT_SPEC, ensure_tiny
 
     base = args.base or ensure_tiny(state_dirs().models, CHAT_SPEC, base_id=CHAT_BASE_ID)
 

@@ -7,7 +7,7 @@ serve and train is a question of this machine's kernels (MLX's CPU quantized mat
 each format is imported into its own directory and measured here, on the same prompts and settings:
 
 - single-stream greedy decode tok/s (EOS ignored, counted after the first output) of our engine
-  (``server.engine.Engine``) and of ``mlx_lm.stream_generate`` on the same prompt tokens, each after one short
+  (``solverx.engine.core.Engine``) and of ``mlx_lm.stream_generate`` on the same prompt tokens, each after one short
   warm-up generation; their ratio per format (the engine's per-step overhead);
 - prefill tok/s on a ~256-token prompt: ours from time-to-first-token (max_tokens=1, median of ``--repeats``),
   mlx-lm's own ``prompt_tps``;
@@ -85,8 +85,8 @@ def _free() -> None:
 
 def _import(models: Path, name: str) -> Path:
     """``models/<name>``, imported from the wheel's GGUF file unless an import by the same importer is there."""
-    from solverx.builtin_models import IMPORT_FORMAT, SMOLLM_SHA256, smollm_gguf
-    from solverx.gguf_import import import_gguf
+    from solverx.models.builtin import IMPORT_FORMAT, SMOLLM_SHA256, smollm_gguf
+    from solverx.models.gguf_import import import_gguf
 
     target = models / name
     wanted = {"sha256": SMOLLM_SHA256, "q_bits": FORMATS[name], "format": IMPORT_FORMAT}
@@ -113,7 +113,7 @@ def _weight_bytes(model_dir: Path) -> int:
 
 
 async def _engine_stream(engine, tokens: list[int], max_tokens: int) -> Stream:
-    from server.engine import SamplingParams
+    from solverx.engine.core import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -161,8 +161,8 @@ def _prompts(engine, long_tokens: int) -> dict:
 
 
 def measure_engine(model_dir: Path, prompts: dict | None, args) -> tuple[dict, dict]:
-    from server.engine import Engine
-    from solverx.builtin_models import SMOLLM_BASE_ID
+    from solverx.engine.core import Engine
+    from solverx.models.builtin import SMOLLM_BASE_ID
 
     engine = Engine(model_dir, SMOLLM_BASE_ID).start()
     try:
@@ -214,7 +214,7 @@ def measure_training(model_dir: Path, args) -> dict:
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from adapters.lora import DEFAULT_KEYS
+    from solverx.engine.lora import DEFAULT_KEYS
 
     model, tokenizer = load(str(model_dir))
     ids = tokenizer.encode(TEXT.read_text(encoding="utf-8"))

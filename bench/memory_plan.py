@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 MODELS = REPO / ".state" / "bench-models"
 SIZES = {
@@ -28,9 +28,8 @@ SIZES = {
 
 def ensure_models(names: list[str], gemma2: bool = False) -> dict[str, Path]:
     """Build (once) the fp32 llamas, an 8-bit copy of each through ``prepare_checkpoint``, and a Gemma 2."""
-    from lookalikes import build_gemma2, build_llama, llama_config
-
-    from solverx.prepare import prepare_checkpoint
+    from solverx.models.lookalikes import build_gemma2, build_llama, llama_config
+    from solverx.models.prepare import prepare_checkpoint
 
     paths = {}
     for name in names:
@@ -100,7 +99,7 @@ def measure_in_subprocess(case: dict) -> int:
 
 
 def estimate(case: dict) -> int:
-    from solverx.memory_plan import TrainPlanArgs, load_model_config, plan, q_bits_of
+    from solverx.models.memory_plan import TrainPlanArgs, load_model_config, plan, q_bits_of
 
     config = load_model_config(Path(case["model"]))
     common = dict(q_bits=q_bits_of(config), machine_bytes=64 * 2**30, resident_adapters=0)

@@ -108,7 +108,7 @@ async def _http_bench(port: int, model: str, max_tokens: int, repeats: int) -> d
 
 
 async def _engine_ttft(model_dir: Path, base_id: str, repeats: int) -> float:
-    from server.engine import Engine, SamplingParams
+    from solverx.engine.core import Engine, SamplingParams
 
     engine = Engine(model_dir, base_id).start()
     try:
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    from solverx.tiny import TINY_BASE_ID, ensure_tiny
+    from solverx.models.tiny import TINY_BASE_ID, ensure_tiny
 
     with tempfile.TemporaryDirectory(prefix="solverx-bench-") as tmp:
         home = Path(tmp)

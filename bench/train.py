@@ -1,6 +1,6 @@
 """Training benchmark, side by side in one run on the tiny base and the SolverX sample knowledge:
 
-- our training stage (``trainer.train.train_stage`` with the replay-mixing batch iterator) vs mlx-lm's own
+- our training stage (``solverx.trainer.train.train_stage`` with the replay-mixing batch iterator) vs mlx-lm's own
   LoRA path (``mlx_lm.tuner.datasets`` + ``iterate_batches`` + ``train``, what ``mlx_lm.lora`` runs) on the
   same text, model and settings: tokens/s ratio, goal >= 0.95;
 - on Linux, our stage with OpenBLAS preloaded vs without (MLX's bundled reference BLAS): goal >= 10x.
@@ -34,7 +34,7 @@ def _texts() -> list[str]:
 
 
 def _chunks(tokenizer) -> list[list[int]]:
-    from trainer.datasets import chunk_text
+    from solverx.trainer.datasets import chunk_text
 
     return [chunk for text in _texts() for chunk in chunk_text(text, tokenizer, MAX_LEN)]
 
@@ -55,9 +55,9 @@ def _token_counter():
 def worker_ours(model_dir: Path, iters: int) -> dict:
     from mlx_lm import load
 
-    from trainer.datasets import MixedDataset, Sample, SequenceDataset, mixed_batches
-    from trainer.recipe import LoraSettings
-    from trainer.train import StageSettings, train_stage
+    from solverx.trainer.datasets import MixedDataset, Sample, SequenceDataset, mixed_batches
+    from solverx.trainer.recipe import LoraSettings
+    from solverx.trainer.train import StageSettings, train_stage
 
     model, tokenizer = load(str(model_dir))
     samples = [Sample(tokens, 0, "bench", "cpt") for tokens in _chunks(tokenizer)]
@@ -79,7 +79,7 @@ def worker_mlx_lm(model_dir: Path, iters: int) -> dict:
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from adapters.lora import DEFAULT_KEYS
+    from solverx.engine.lora import DEFAULT_KEYS
 
     model, tokenizer = load(str(model_dir))
     texts = [{"text": tokenizer.decode(chunk)} for chunk in _chunks(tokenizer)]
@@ -126,7 +126,7 @@ def main() -> None:
         print(json.dumps(work(Path(args.model), args.iters)))
         return
 
-    from solverx.tiny import ensure_tiny
+    from solverx.models.tiny import ensure_tiny
 
     model_dir = ensure_tiny(REPO / ".state" / "bench" / "models")
     ours = _run_worker("ours", model_dir, args.iters, openblas=True)

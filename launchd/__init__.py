@@ -1,6 +1,6 @@
 """Run ``solverx serve`` as a per-user service: a LaunchAgent on macOS, a systemd --user unit on Linux."""
 
-from launchd.control import (
+from solverx.launchd.control import (
     Host,
     ServiceError,
     ServiceStatus,
@@ -13,7 +13,7 @@ from launchd.control import (
     uninstall,
     unit_file,
 )
-from launchd.service import LABEL, UNIT_NAME, ServiceSpec, build_spec, render_plist, render_systemd_unit
+from solverx.launchd.service import LABEL, UNIT_NAME, ServiceSpec, build_spec, render_plist, render_systemd_unit
 
 __all__ = [
     "LABEL",

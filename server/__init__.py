@@ -2,10 +2,11 @@
 
 Where things live: ``app`` (factory, lifespan, /health) · ``routes_openai`` (/v1/chat/completions,
 /v1/completions, /v1/models) · ``schemas`` (request validation, response bodies) · ``streaming`` (SSE and client
-disconnects) · ``models`` (model name → engine + adapter) · ``errors`` (OpenAI error bodies) · ``engine``
-(batched generation) · ``serve`` (``solverx serve``).
+disconnects) · ``models`` (model name → engine + adapter) · ``errors`` (OpenAI error bodies) · ``training`` (what
+the routes need of the trainer, as a protocol). The engine is :mod:`solverx.engine`; ``solverx serve`` is wired in
+:mod:`solverx.daemon.serve`. See docs/architecture.md.
 
-The names below are imported lazily, so ``import server.sampling`` does not pull in Starlette or uvicorn.
+The names below are imported lazily, so importing a submodule does not pull in Starlette or uvicorn.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.app import ServerState, create_app
-    from server.models import ModelCatalog
-    from server.serve import run
+    from solverx.server.app import create_app
+    from solverx.server.models import ModelCatalog
+    from solverx.server.state import ServerState
 
-__all__ = ["ModelCatalog", "ServerState", "create_app", "run"]
+__all__ = ["ModelCatalog", "ServerState", "create_app"]
 
 _EXPORTS = {
-    "ServerState": "server.app",
-    "create_app": "server.app",
-    "ModelCatalog": "server.models",
-    "run": "server.serve",
+    "ServerState": "solverx.server.state",
+    "create_app": "solverx.server.app",
+    "ModelCatalog": "solverx.server.models",
 }
 
 

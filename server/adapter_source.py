@@ -2,7 +2,7 @@
 
 Every lookup reads the registry's current state (its generation counter is one small file), so a version
 promoted by any process — the admin API, the CLI, the trainer's child process — is what the next request gets.
-Running requests keep the :class:`~server.engine.AdapterRef` they resolved, i.e. the version they started with.
+Running requests keep the :class:`~solverx.engine.core.AdapterRef` they resolved, i.e. the version they started with.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from adapters.errors import AdapterError, InvalidAdapterName
-from adapters.names import format_model_name, parse_model_name
-from adapters.registry import Registry, VersionInfo
-from server.engine import AdapterRef
-from server.models import AdapterMatch, ModelCard
+from solverx.adapters.errors import AdapterError, InvalidAdapterName
+from solverx.adapters.names import format_model_name, parse_model_name
+from solverx.adapters.registry import Registry, VersionInfo
+from solverx.engine.core import AdapterRef
+from solverx.server.models import AdapterMatch, ModelCard
 
 
 def adapter_ref(info: VersionInfo) -> AdapterRef:

@@ -11,7 +11,6 @@ import contextlib
 import hmac
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -23,43 +22,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from adapters.errors import AdapterError
-from adapters.registry import Registry
-from server import dashboard, routes_admin, routes_openai, routes_training
-from server.dashboard import PUBLIC_PATHS
-from server.engine import Engine, EngineError
-from server.errors import APIError, AuthenticationError, handle_disconnect, handle_error, handle_unexpected
-from server.logs import RequestContext, install_access_log
-from server.metrics import Metrics
-from server.metrics import routes as metrics_routes
-from server.models import ModelCatalog
-from trainer.schedule import TrainingManager
+from solverx.adapters.errors import AdapterError
+from solverx.engine.core import Engine, EngineError
+from solverx.server import dashboard, routes_admin, routes_openai, routes_training
+from solverx.server.dashboard import PUBLIC_PATHS
+from solverx.server.errors import APIError, AuthenticationError, handle_disconnect, handle_error, handle_unexpected
+from solverx.server.logs import RequestContext, install_access_log
+from solverx.server.metrics import Metrics
+from solverx.server.metrics import routes as metrics_routes
+from solverx.server.state import ServerState, server_state
 
 __all__ = ["ServerState", "create_app"]
-
-MiB = 1024 * 1024
-
-
-@dataclass
-class ServerState:
-    """Everything the routes share: the model catalog and the limits applied to every request."""
-
-    catalog: ModelCatalog
-    max_body_bytes: int = 1 * MiB
-    max_tokens_cap: int = 4096
-    default_model: str | None = None
-    """The model used when a request names none; None makes ``model`` required, as OpenAI does."""
-    api_key: str | None = None
-    """When set, every route but the dashboard's static shell requires ``Authorization: Bearer <api_key>``."""
-    registry: Registry | None = None
-    """The adapter store; None serves bases only."""
-    training: TrainingManager | None = None
-    """Started after the engines and stopped before them; None disables training."""
-    started_at: float = field(default_factory=time.time)
-
-    @property
-    def engines(self) -> list[Engine]:
-        return list(self.catalog.engines.values())
 
 
 def create_app(state: ServerState) -> Starlette:
@@ -107,7 +80,7 @@ def create_app(state: ServerState) -> Starlette:
         lifespan=lifespan,
     )
     app.state.solverx = state
-    app.state.metrics = metrics
+    state.metrics = metrics
     return app
 
 
@@ -135,7 +108,7 @@ class RequireAPIKey:
 
 async def health(request: Request) -> Response:
     """Liveness plus the load the engines carry (``running`` drops to 0 as soon as clients are gone)."""
-    state: ServerState = request.app.state.solverx
+    state = server_state(request)
     engines = state.engines
     healthy = all(e.alive or e.paused for e in engines)
     return JSONResponse(

@@ -5,8 +5,8 @@ classes) and on ``code``, so each failure gets both right. Domain errors from th
 are translated here by their ``code``/``status`` attributes, so this module does not import either of them.
 
     APIError
-    ├── InvalidRequest            400 invalid_request_error (param names the field)
-    │   └── ContextLengthExceeded 400 context_length_exceeded
+    ├── InvalidRequest            400 invalid_request_error (param names the field; code says what, e.g.
+    │                                 context_length_exceeded from the engine's ContextLengthExceeded)
     ├── AuthenticationError       401 invalid_api_key
     ├── ModelNotFound             404 model_not_found
     ├── UnknownURL                404 unknown_url
@@ -32,7 +32,6 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "Conflict",
-    "ContextLengthExceeded",
     "InternalError",
     "InvalidRequest",
     "MethodNotAllowed",
@@ -83,10 +82,6 @@ class InvalidRequest(APIError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_value"
-
-
-class ContextLengthExceeded(InvalidRequest):
-    code = "context_length_exceeded"
 
 
 class AuthenticationError(APIError):
@@ -145,8 +140,9 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-# Domain errors (server.engine.EngineError, adapters.errors.AdapterError) carry a stable ``code``; engine errors
-# also carry ``status``. Adapter codes map to statuses here; a code-less error is a bug in this server (500).
+# Domain errors (solverx.engine.core.EngineError, solverx.adapters.errors.AdapterError) carry a stable ``code``;
+# engine errors also carry ``status``. Adapter codes map to statuses here; a code-less error is a bug in this
+# server (500).
 _CLASS_BY_STATUS: dict[int, type[APIError]] = {
     400: InvalidRequest,
     404: ModelNotFound,
@@ -176,8 +172,6 @@ def to_api_error(exc: BaseException, param: str | None = None) -> APIError:
     status = getattr(exc, "status", None) or _STATUS_BY_CODE.get(code or "")
     if not isinstance(code, str) or not isinstance(status, int) or (status >= 500 and status != 503):
         return InternalError("The server had an error while processing your request.")
-    if code == "context_length_exceeded":
-        return ContextLengthExceeded(str(exc), param=param)
     cls = _CLASS_BY_STATUS.get(status, InvalidRequest)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after else None

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import handle_unexpected
+from solverx.server.errors import handle_unexpected
 
 __all__ = [
     "ACCESS_LOGGER",

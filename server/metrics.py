@@ -3,7 +3,7 @@
 Counted as requests happen:
 
 - ``solverx_requests_total{route,model,status}`` and ``solverx_request_duration_seconds{route}`` — from the
-  :class:`~server.logs.RequestContext` middleware; ``route`` is the matched path template, ``model`` the model a
+  :class:`~solverx.server.logs.RequestContext` middleware; ``route`` is the matched path template, ``model`` the model a
   completion was served by (empty for other routes);
 - ``solverx_prompt_tokens_total{model}``, ``solverx_completion_tokens_total{model}``,
   ``solverx_time_to_first_token_seconds{model}`` (request arrival → first text) and
@@ -43,12 +43,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.logs import RequestRecord, request_started, set_model
+from solverx.server.logs import RequestRecord, request_started, set_model
+from solverx.server.state import server_state
 
 if TYPE_CHECKING:
-    from server.app import ServerState
-    from server.engine import Delta, Engine
-    from trainer.schedule import TrainingManager
+    from solverx.engine.core import Delta, Engine
+    from solverx.server.state import ServerState
+    from solverx.server.training import TrainingService
 
 __all__ = ["LiveCollector", "Metrics", "routes", "track_generation"]
 
@@ -101,7 +102,7 @@ class Metrics:
         ProcessCollector(registry=r)
 
     def observe_request(self, record: RequestRecord) -> None:
-        """A :class:`~server.logs.RequestContext` observer."""
+        """A :class:`~solverx.server.logs.RequestContext` observer."""
         self.requests.labels(record.route, record.model or "", str(record.status)).inc()
         self.request_seconds.labels(record.route).observe(record.seconds)
 
@@ -134,7 +135,7 @@ class Metrics:
 def track_generation(request: Request, model: str, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
     """The hook the OpenAI routes call on the engine's deltas: names the request's model and measures it."""
     set_model(request, model)
-    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    metrics: Metrics | None = server_state(request).metrics
     if metrics is None:
         return deltas
     started = request_started(request) or time.perf_counter()
@@ -179,24 +180,12 @@ def _engine_metrics(engines: list[Engine]) -> Iterator[Metric]:
         running.add_metric(base, stats.running)
         waiting.add_metric(base, stats.waiting)
         steps.add_metric(base, stats.steps)
-        count, nbytes = _resident(engine)
-        resident.add_metric(base, count)
-        resident_bytes.add_metric(base, nbytes)
+        resident.add_metric(base, len(stats.resident_adapters))
+        resident_bytes.add_metric(base, stats.resident_adapter_bytes)
     yield from (up, running, waiting, steps, resident, resident_bytes)
 
 
-def _resident(engine: Engine) -> tuple[int, int]:
-    """Resident adapters and their bytes; the engine thread may change the slots while we read, so retry."""
-    slots = getattr(engine, "slots", None)
-    if slots is None:
-        return len(engine.stats.resident_adapters), 0
-    for _ in range(3):
-        with contextlib.suppress(RuntimeError):  # dictionary changed size during iteration
-            return len(slots.resident), slots.resident_bytes
-    return len(engine.stats.resident_adapters), 0
-
-
-def _training_metrics(manager: TrainingManager) -> Iterator[Metric]:
+def _training_metrics(manager: TrainingService) -> Iterator[Metric]:
     runs = manager.runs(limit=RECENT_RUNS)
     by_state = GaugeMetricFamily(
         "solverx_training_runs", f"Training runs by state (the {RECENT_RUNS} most recent).", labels=["state"]
@@ -234,7 +223,7 @@ def _training_metrics(manager: TrainingManager) -> Iterator[Metric]:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
+    metrics = server_state(request).metrics
     body = await run_in_threadpool(metrics.exposition)  # the collector reads the runs directory
     return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
 

@@ -1,7 +1,7 @@
 """Model names: which engine and adapter a request's ``model`` selects, and what ``/v1/models`` lists.
 
 A name is a base id (that base, no adapter) or, once an adapter source is plugged in, an adapter name
-(``<adapter>`` or ``<adapter>@<N>``, DESIGN.md §2). The catalog is the only place that knows the mapping, so
+(``<adapter>`` or ``<adapter>@<N>``). The catalog is the only place that knows the mapping, so
 routes never see the registry; :class:`AdapterSource` is the seam where the adapter registry plugs in.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from server.errors import ModelNotFound
+from solverx.server.errors import ModelNotFound
 
 if TYPE_CHECKING:
-    from server.engine import AdapterRef, Engine
+    from solverx.engine.core import AdapterRef, Engine
 
 __all__ = ["AdapterMatch", "AdapterSource", "ModelCard", "ModelCatalog", "Resolved"]
 
@@ -61,8 +61,8 @@ class AdapterSource(Protocol):
     """What the catalog needs from the adapter registry.
 
     ``lookup`` returns None for a name it does not know, including one that is not a valid adapter name (the
-    client then gets 404 ``model_not_found``); it may raise ``adapters.errors.AdapterError``, which
-    ``server.errors`` maps to OpenAI errors by code. ``cards`` lists every adapter and pinned version.
+    client then gets 404 ``model_not_found``); it may raise ``solverx.adapters.errors.AdapterError``, which
+    ``solverx.server.errors`` maps to OpenAI errors by code. ``cards`` lists every adapter and pinned version.
     """
 
     def lookup(self, model: str) -> AdapterMatch | None: ...
@@ -78,7 +78,7 @@ class ModelCatalog:
         self.adapters = adapters
 
     def resolve(self, model: str) -> Resolved:
-        """The engine and adapter for ``model``; raises :class:`~server.errors.ModelNotFound`."""
+        """The engine and adapter for ``model``; raises :class:`~solverx.server.errors.ModelNotFound`."""
         engine = self.engines.get(model)
         if engine is not None:
             return Resolved(engine, None, model)

@@ -17,15 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters.errors import AdapterError, InvalidAdapterName
-from adapters.names import parse_model_name, validate_name
-from adapters.registry import Registry, VersionInfo
-from server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, to_api_error
-from server.routes_openai import read_json
+from solverx.adapters.errors import AdapterError, InvalidAdapterName
+from solverx.adapters.names import parse_model_name, validate_name
+from solverx.adapters.registry import Registry, VersionInfo
+from solverx.server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, to_api_error
+from solverx.server.routes_openai import read_json
+from solverx.server.state import server_state
 
 
 def _registry(request: Request) -> Registry:
-    registry = getattr(request.app.state.solverx, "registry", None)
+    registry = server_state(request).registry
     if registry is None:
         raise ServiceUnavailable("This server has no adapter registry.")
     return registry
@@ -51,7 +52,7 @@ def _field(body: Any, name: str, kind: type, required: bool = True) -> Any:
 
 def _base_for(request: Request, base_id: str | None):
     """The engine an adapter is registered against: the named base, else the default (first) one."""
-    engines = request.app.state.solverx.catalog.engines
+    engines = server_state(request).catalog.engines
     if base_id is None:
         return next(iter(engines.values()))
     if base_id not in engines:
@@ -75,7 +76,7 @@ async def _register(
         validate_name(name)
     except InvalidAdapterName as exc:
         raise InvalidRequest(str(exc), param=name_param, code=exc.code) from exc
-    if name in request.app.state.solverx.catalog.engines:
+    if name in server_state(request).catalog.engines:
         # A base id wins model-name resolution, so such an adapter could never be selected by name, and
         # /v1/models would list the id twice.
         raise InvalidRequest(
@@ -103,7 +104,7 @@ async def _register(
 
 async def register_adapter(request: Request) -> Response:
     """``POST /v1/adapters {"name", "path", "promote": true, "base_model"?}`` → the new version."""
-    body = await read_json(request, request.app.state.solverx.max_body_bytes)
+    body = await read_json(request, server_state(request).max_body_bytes)
     promote = body.get("promote", True) if isinstance(body, dict) else True
     if not isinstance(promote, bool):
         raise InvalidRequest("`promote` must be a boolean.", param="promote")
@@ -115,7 +116,7 @@ async def register_adapter(request: Request) -> Response:
 
 async def load_lora_adapter(request: Request) -> Response:
     """vLLM's form: ``{"lora_name", "lora_path"}`` registers and promotes."""
-    body = await read_json(request, request.app.state.solverx.max_body_bytes)
+    body = await read_json(request, server_state(request).max_body_bytes)
     name, path = _field(body, "lora_name", str), _field(body, "lora_path", str)
     info = await _register(request, name, path, True, None, params=("lora_name", "lora_path"))
     return JSONResponse(_version_dict(info), status_code=201)
@@ -123,7 +124,7 @@ async def load_lora_adapter(request: Request) -> Response:
 
 async def unload_lora_adapter(request: Request) -> Response:
     """vLLM's form: ``{"lora_name"}`` removes the adapter (every version)."""
-    body = await read_json(request, request.app.state.solverx.max_body_bytes)
+    body = await read_json(request, server_state(request).max_body_bytes)
     name, version = parse_model_name(_field(body, "lora_name", str))
     await run_in_threadpool(_registry(request).remove, name, version)
     return JSONResponse({"removed": _field(body, "lora_name", str)})
@@ -160,7 +161,7 @@ async def promote_adapter(request: Request) -> Response:
     """``POST /v1/adapters/{name}/promote {"version": N}``; ``{name}@N`` in the path works too."""
     name, version = parse_model_name(request.path_params["name"])
     if version is None:
-        body = await read_json(request, request.app.state.solverx.max_body_bytes)
+        body = await read_json(request, server_state(request).max_body_bytes)
         version = _field(body, "version", int)
     info = await run_in_threadpool(_registry(request).promote, name, version)
     return JSONResponse(_version_dict(info))
@@ -172,7 +173,7 @@ async def rollback_adapter(request: Request) -> Response:
     raw = await request.body()
     to = None
     if raw.strip():
-        body = await read_json(request, request.app.state.solverx.max_body_bytes)
+        body = await read_json(request, server_state(request).max_body_bytes)
         to = _field(body, "version", int, required=False)
     info = await run_in_threadpool(_registry(request).rollback, name, to)
     return JSONResponse(_version_dict(info))

@@ -1,7 +1,7 @@
 """The OpenAI-compatible endpoints: chat completions, text completions and the model list.
 
-Each handler reads and validates the body (:mod:`server.schemas`), resolves the model name
-(:mod:`server.models`), and runs the engine. Streaming handlers wait for the first delta before answering, so a
+Each handler reads and validates the body (:mod:`solverx.server.schemas`), resolves the model name
+(:mod:`solverx.server.models`), and runs the engine. Streaming handlers wait for the first delta before answering, so a
 prompt that is too long or an unusable adapter still gets its proper status code instead of an error event
 inside a 200 stream.
 """
@@ -18,16 +18,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server import schemas
-from server.engine import Delta, EngineError
-from server.errors import InvalidRequest, ModelNotFound, RequestTooLarge, to_api_error
-from server.metrics import track_generation
-from server.streaming import EventStream, cancel_on_disconnect, chat_events, completion_events, prepend
+from solverx.engine.core import Delta, EngineError
+from solverx.server import schemas
+from solverx.server.errors import InvalidRequest, ModelNotFound, RequestTooLarge, to_api_error
+from solverx.server.metrics import track_generation
+from solverx.server.state import server_state
+from solverx.server.streaming import EventStream, cancel_on_disconnect, chat_events, completion_events, prepend
 
 if TYPE_CHECKING:
-    from server.app import ServerState
-    from server.engine import Engine
-    from server.models import Resolved
+    from solverx.engine.core import Engine
+    from solverx.server.models import Resolved
+    from solverx.server.state import ServerState
 
 __all__ = ["read_json", "routes"]
 
@@ -46,7 +47,7 @@ TEXT = _Endpoint("cmpl", "prompt", completion_events, schemas.text_completion)
 
 
 async def chat_completions(request: Request) -> Response:
-    state = _state(request)
+    state = server_state(request)
     req = schemas.parse_chat_request(await read_json(request, state.max_body_bytes), state.default_model)
     target = state.catalog.resolve(req.model)
     try:
@@ -57,7 +58,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    state = _state(request)
+    state = server_state(request)
     req = schemas.parse_completion_request(await read_json(request, state.max_body_bytes), state.default_model)
     target = state.catalog.resolve(req.model)
     prompt = target.engine.encode_prompt(req.prompt)
@@ -85,13 +86,13 @@ async def _complete(
 
 
 async def list_models(request: Request) -> Response:
-    cards = _state(request).catalog.cards()
+    cards = server_state(request).catalog.cards()
     return JSONResponse({"object": "list", "data": [card.to_dict() for card in cards]})
 
 
 async def retrieve_model(request: Request) -> Response:
     model = request.path_params["model"]
-    for card in _state(request).catalog.cards():
+    for card in server_state(request).catalog.cards():
         if card.id == model:
             return JSONResponse(card.to_dict())
     raise ModelNotFound.for_model(model)
@@ -119,10 +120,6 @@ async def read_json(request: Request, limit: int) -> Any:
 
 def _too_large(limit: int) -> RequestTooLarge:
     return RequestTooLarge(f"The request body is larger than this server accepts ({limit} bytes).")
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.solverx
 
 
 def _completion_budget(

@@ -12,13 +12,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
-from server.routes_openai import read_json
-from trainer.schedule import TrainingManager
+from solverx.server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from solverx.server.routes_openai import read_json
+from solverx.server.state import server_state
+from solverx.server.training import TrainingService
 
 
-def _manager(request: Request) -> TrainingManager:
-    manager = getattr(request.app.state.solverx, "training", None)
+def _manager(request: Request) -> TrainingService:
+    manager = server_state(request).training
     if manager is None:
         raise ServiceUnavailable("Training is not enabled on this server.")
     return manager
@@ -33,15 +34,13 @@ async def list_runs(request: Request) -> Response:
 
 async def start_run(request: Request) -> Response:
     """``POST /v1/training {"adapter": "solverx"}`` queues a run of that adapter's inbox."""
-    body = await read_json(request, request.app.state.solverx.max_body_bytes)
+    body = await read_json(request, server_state(request).max_body_bytes)
     adapter = body.get("adapter") if isinstance(body, dict) else None
     if not isinstance(adapter, str):
         raise InvalidRequest("`adapter` is required and must be a string.", param="adapter")
     manager = _manager(request)
-    if not (manager.dirs.inbox / adapter).is_dir():
-        raise InvalidRequest(
-            f"There is no inbox folder for `{adapter}` ({manager.dirs.inbox / adapter}).", param="adapter"
-        )
+    if manager.inbox_path(adapter) is None:
+        raise InvalidRequest(f"There is no inbox folder for `{adapter}`.", param="adapter")
     entry = manager.request(adapter, "api", no_replay=bool(body.get("no_replay", False)))
     return JSONResponse({"run_id": entry.run_id, "adapter": entry.adapter, "state": "queued"}, status_code=202)
 

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import InvalidRequest
-from server.sampling import SamplingParams
+from solverx.engine.sampling import SamplingParams
+from solverx.server.errors import InvalidRequest
 
 __all__ = [
     "ROLES",

@@ -19,11 +19,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server import schemas
-from server.errors import to_api_error
+from solverx.server import schemas
+from solverx.server.errors import to_api_error
 
 if TYPE_CHECKING:
-    from server.engine import Delta
+    from solverx.engine.core import Delta
 
 __all__ = ["DONE", "EventStream", "cancel_on_disconnect", "chat_events", "completion_events", "prepend", "sse"]
 

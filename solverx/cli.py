@@ -20,9 +20,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _user_facing_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is the whole story for the user: printed without a traceback."""
-    from adapters.errors import AdapterError
-    from launchd.control import ServiceError
+    from solverx.adapters.errors import AdapterError
     from solverx.config import ConfigError
+    from solverx.launchd.control import ServiceError
 
     return (ConfigError, ServiceError, AdapterError)
 
@@ -34,7 +34,7 @@ def _settings(args: argparse.Namespace):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from server.serve import run
+    from solverx.daemon.serve import run
 
     settings, _ = _settings(args)
     run(settings)
@@ -49,7 +49,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_service(args: argparse.Namespace) -> int:
-    import launchd
+    from solverx import launchd
 
     settings, _ = _settings(args)
     serve_args = ("--config", str(settings.config)) if settings.config and settings.config.exists() else ()
@@ -68,8 +68,8 @@ def _cmd_service(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
+    from solverx.models.tiny import TINY_BASE_ID, build_tiny, ensure_tiny
     from solverx.paths import state_dirs
-    from solverx.tiny import TINY_BASE_ID, build_tiny, ensure_tiny
 
     models = state_dirs(args.home).models
     path = build_tiny(models / TINY_BASE_ID) if args.force else ensure_tiny(models)

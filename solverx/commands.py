@@ -17,7 +17,7 @@ from solverx.config import Settings
 
 
 def _registry(settings: Settings):
-    from adapters.registry import Registry
+    from solverx.adapters.registry import Registry
     from solverx.paths import state_dirs
 
     return Registry(state_dirs(settings.home).adapters)
@@ -34,7 +34,7 @@ def _version_line(info) -> str:
 
 def adapters_command(args: argparse.Namespace, settings: Settings) -> int:
     """``solverx adapters list|show|register|promote|rollback|remove``."""
-    from adapters.names import parse_model_name
+    from solverx.adapters.names import parse_model_name
 
     registry = _registry(settings)
     action = args.adapters_action
@@ -153,7 +153,7 @@ def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False)
     from tqdm import tqdm
 
     from solverx.paths import state_dirs
-    from trainer.foreground import start_child
+    from solverx.trainer.foreground import start_child
 
     dirs = state_dirs(settings.home)
     if not (dirs.inbox / adapter).is_dir():
@@ -227,7 +227,7 @@ def status_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _local_runs(settings: Settings) -> list[dict]:
     from solverx.paths import state_dirs
-    from trainer.runlog import summarize
+    from solverx.trainer.runlog import summarize
 
     runs = sorted((p for p in state_dirs(settings.home).runs.glob("*") if p.is_dir()), reverse=True)
     return [asdict(summarize(p)) for p in runs[:5]]
@@ -251,7 +251,7 @@ def prepare_command(args: argparse.Namespace, settings: Settings) -> int:
         print("solverx: give --out DIR or --register BASE_ID", file=sys.stderr)
         return 2
     if is_gguf:
-        from solverx.gguf_import import GGUFImportError, import_gguf
+        from solverx.models.gguf_import import GGUFImportError, import_gguf
 
         try:
             prepared = import_gguf(source, out, q_bits=q_bits, progress=True)
@@ -259,7 +259,7 @@ def prepare_command(args: argparse.Namespace, settings: Settings) -> int:
             print(f"solverx: cannot import {source.name}: {e}", file=sys.stderr)
             return 2
     else:
-        from solverx.prepare import prepare_checkpoint
+        from solverx.models.prepare import prepare_checkpoint
 
         prepared = prepare_checkpoint(source, out, q_bits=q_bits, progress=True)
     kind = "text backbone extracted from a VLM, " if prepared.extracted_from_vlm else ""
@@ -276,7 +276,7 @@ def plan_command(args: argparse.Namespace, settings: Settings) -> int:
     """Whether serving, training, or both at once fit this machine for a base model."""
     import os as _os
 
-    from solverx.memory_plan import TrainPlanArgs, format_plan, load_model_config, plan, q_bits_of
+    from solverx.models.memory_plan import TrainPlanArgs, format_plan, load_model_config, plan, q_bits_of
     from solverx.paths import state_dirs
 
     path = Path(args.base)

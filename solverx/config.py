@@ -20,7 +20,7 @@ from typing import Any
 
 import platformdirs
 
-from solverx.builtin_models import SMOLLM_BASE_ID
+from solverx.models.builtin import SMOLLM_BASE_ID
 
 APP_NAME = "solverx"
 ENV_PREFIX = "SOLVERX_"

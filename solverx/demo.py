@@ -1,7 +1,7 @@
 """``solverx demo``: the seed's experiment, end to end and offline, through the product's own pipeline.
 
 1. Make (or reuse) the base: by default the real SmolLM2-135M-Instruct, imported from its PyPI wheel
-   (:mod:`solverx.builtin_models`); it answers general questions and writes a Python sort, and knows nothing
+   (:mod:`solverx.models.builtin`); it answers general questions and writes a Python sort, and knows nothing
    about SolverX. ``--base solverx-tiny-chat`` runs the same experiment on the pretrained tiny chat base.
 2. For each variant, copy the sample corpus (``data/solverx/inbox``) into the watched folder
    ``<home>/inbox/<adapter>/`` with a ``recipe.toml``, and run the trainer's child process — the same one
@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from solverx.builtin_models import SMOLLM_BASE_ID
-from solverx.paths import DATA_DIR, StateDirs, resolve_home
+from solverx.data import DATA_DIR
+from solverx.models.builtin import SMOLLM_BASE_ID
+from solverx.paths import StateDirs, resolve_home
 from solverx.report import CANDIDATE, DemoReport, Variant, write_report
-from trainer.recipe import TrainSettings, format_recipe, recipe_defaults
+from solverx.trainer.recipe import TrainSettings, format_recipe, recipe_defaults
 
 SAMPLE_INBOX = DATA_DIR / "solverx" / "inbox"
 MAIN_ADAPTER = "solverx"
@@ -132,7 +133,7 @@ def ensure_base(
     the tiny chat base is built (minutes; copied from ``cache`` when built there).
     """
     if base_id == SMOLLM_BASE_ID:
-        from solverx.builtin_models import IMPORT_RECORD, ensure_smollm
+        from solverx.models.builtin import IMPORT_RECORD, ensure_smollm
 
         made = ensure_smollm(cache if cache is not None else dirs.models, progress=progress)
         target = dirs.model(base_id)
@@ -144,7 +145,7 @@ def ensure_base(
 
 
 def _ensure_chat_base(dirs: StateDirs, *, cache: Path | None, progress: bool) -> Path:
-    from solverx.tiny import CHAT_BASE_ID, CHAT_SPEC, build_key, ensure_tiny, stored_build_key
+    from solverx.models.tiny import CHAT_BASE_ID, CHAT_SPEC, build_key, ensure_tiny, stored_build_key
 
     target = dirs.model(CHAT_BASE_ID)
     if cache is not None and stored_build_key(target) != build_key(CHAT_SPEC):
@@ -176,7 +177,7 @@ def run_child(
 
     Progress lines go to ``say`` while it runs. Returns the run id, the run's ``finished`` event and the seconds.
     """
-    from trainer.foreground import start_child
+    from solverx.trainer.foreground import start_child
 
     started = time.perf_counter()
     run = start_child(dirs, adapter, replay=replay)
@@ -207,7 +208,7 @@ def run_child(
 
 
 def _stage_summaries(run_dir: Path) -> list[dict]:
-    from trainer.runlog import read_events
+    from solverx.trainer.runlog import read_events
 
     stages: dict[str, dict] = {}
     for event in read_events(run_dir):

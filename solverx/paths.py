@@ -20,9 +20,6 @@ import platformdirs
 APP_NAME = "solverx"
 HOME_ENV = "SOLVERX_HOME"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
-
 
 def resolve_home(override: str | os.PathLike[str] | None = None) -> Path:
     """The state directory: the explicit override, else ``$SOLVERX_HOME``, else the platform default."""

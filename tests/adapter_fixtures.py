@@ -1,6 +1,6 @@
 """Adapters for the serving tests: a few really trained on the tiny base, and every kind of broken one.
 
-The good adapters are trained with the project's own trainer (:func:`trainer.train.train_stage`, i.e. mlx-lm's
+The good adapters are trained with the project's own trainer (:func:`solverx.trainer.train.train_stage`, i.e. mlx-lm's
 trainer) for 16 steps on six chat turns (a few seconds each). Each one learns a different *theme*, the same
 answer-ish sentences for every question, so that at temperature 0 adapters A, B, A's second version and the base
 all answer differently, and an answer tells which adapter produced it.
@@ -20,8 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from adapters.validate import MANIFEST, base_linear_shapes
+from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, base_linear_shapes
 
 RANK = 4
 ITERS = 80  # with lr 5e-4: every theme learned cleanly (16 steps at 5e-3 worked on one tiny base, not another)
@@ -75,8 +74,8 @@ def train_adapter(model_dir: Path, out_dir: Path, theme: str, *, iters: int = IT
         return out_dir
     from mlx_lm import load
 
-    from trainer.recipe import LoraSettings
-    from trainer.train import StageSettings, train_stage
+    from solverx.trainer.recipe import LoraSettings
+    from solverx.trainer.train import StageSettings, train_stage
 
     model, tokenizer = load(str(model_dir))
     samples = chat_samples(tokenizer, THEMES[theme])
@@ -269,7 +268,7 @@ def unknown_key(good: Path, path: Path) -> Path:
 
 def declared_other_base(good: Path, path: Path, other_base: Path) -> Path:
     """Good tensors, but its manifest says it was trained on another base (an export from another registry)."""
-    from adapters.fingerprint import base_fingerprint
+    from solverx.adapters.fingerprint import base_fingerprint
 
     _copy(good, path)
     (path / MANIFEST).write_text(json.dumps({"base_fingerprint": base_fingerprint(other_base)}))

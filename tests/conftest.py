@@ -17,7 +17,7 @@ TEST_CACHE = Path(os.environ.get("SOLVERX_TEST_CACHE", REPO_ROOT / ".state" / "t
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The default tiny base (``solverx-tiny``), built on first use and cached across runs."""
-    from solverx.tiny import ensure_tiny
+    from solverx.models.tiny import ensure_tiny
 
     return ensure_tiny(TEST_CACHE / "models")
 

@@ -12,9 +12,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
-from adapters.errors import AdapterError, BaseMismatch, InvalidAdapter
-from adapters.fingerprint import base_fingerprint
-from adapters.validate import base_linear_shapes, read_safetensors_header, validate_adapter
+from solverx.adapters.errors import AdapterError, BaseMismatch, InvalidAdapter
+from solverx.adapters.fingerprint import base_fingerprint
+from solverx.adapters.validate import base_linear_shapes, read_safetensors_header, validate_adapter
 
 BASE_CONFIG = {
     "model_type": "llama",

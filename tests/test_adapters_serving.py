@@ -459,7 +459,7 @@ def test_hot_swap_under_load(daemon, client, trained):
 
 
 def test_registry_change_by_another_process_is_served(daemon, client, trained, tiny_model_dir):
-    from adapters.registry import Registry
+    from solverx.adapters.registry import Registry
 
     register(daemon, "ext", trained.b)
     before = chat(client, "ext")

@@ -14,8 +14,8 @@ import openai
 import pytest
 from serving import REPO_ROOT, free_port
 
-from solverx import builtin_models
-from solverx.builtin_models import (
+from solverx.models import builtin as builtin_models
+from solverx.models.builtin import (
     IMPORT_RECORD,
     INSTALL_COMMAND,
     SMOLLM_BASE_ID,

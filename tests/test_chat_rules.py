@@ -1,15 +1,15 @@
 """A model is trained on exactly the prompts it is served: the engine and the SFT datasets encode one conversation
-through the same chat rules (solverx.chat_rules), for a ChatML base and for a Gemma 2 that has no system role."""
+through the same chat rules (solverx.models.chat_rules), for a ChatML base and for a Gemma 2 that has no system role."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from lookalikes import build_gemma2
 
-from server.engine import Engine
-from trainer.datasets import build_sft_dataset
+from solverx.engine.core import Engine
+from solverx.models.lookalikes import build_gemma2
+from solverx.trainer.datasets import build_sft_dataset
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one short sentence."},

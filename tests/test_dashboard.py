@@ -18,11 +18,11 @@ import httpx
 import mlx.core as mx
 import pytest
 
-from adapters.registry import Registry
-from adapters.validate import base_linear_shapes
-from trainer.run import _save_loss_chart
-from trainer.runlog import RunLog
-from trainer.train import StageResult
+from solverx.adapters.registry import Registry
+from solverx.adapters.validate import base_linear_shapes
+from solverx.trainer.run import _save_loss_chart
+from solverx.trainer.runlog import RunLog
+from solverx.trainer.train import StageResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "dashboard.png"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.datasets import (
+from solverx.trainer.datasets import (
     MixedDataset,
     Sample,
     SequenceDataset,
@@ -24,8 +24,8 @@ from trainer.datasets import (
     split_dataset,
     stage_datasets,
 )
-from trainer.recipe import Identity, Recipe, TrainSettings
-from trainer.validate import IngestResult, SftRecord, TextDoc
+from solverx.trainer.recipe import Identity, Recipe, TrainSettings
+from solverx.trainer.validate import IngestResult, SftRecord, TextDoc
 
 GENERAL = Path(__file__).resolve().parent.parent / "data" / "general"
 

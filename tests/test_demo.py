@@ -164,7 +164,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
 
 @e2e
 def test_the_runs_went_through_the_watch_folder_the_trainer_and_the_registry(demo) -> None:
-    from adapters.registry import Registry
+    from solverx.adapters.registry import Registry
 
     home, report, md, page = demo
     for variant in report.variants:
@@ -234,7 +234,7 @@ def test_each_run_gets_a_recipe_the_trainer_reads_back() -> None:
     from dataclasses import replace
 
     from solverx.demo import budget, e2e_budget, recipe_toml
-    from trainer.recipe import parse_recipe, recipe_defaults
+    from solverx.trainer.recipe import parse_recipe, recipe_defaults
 
     for base_id, settings in (
         ("smollm2-135m-instruct", e2e_budget()),

@@ -10,8 +10,8 @@ import pytest
 from serving import serve_daemon
 from training_fixtures import QUICK_RECIPE, Runs, company_files, drop_files, with_changes
 
-from server.exclusive import must_pause
-from trainer.recipe import Recipe
+from solverx.daemon.exclusive import must_pause
+from solverx.trainer.recipe import Recipe
 
 CHAT = {"model": "solverx-tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from lookalikes import build_gemma2
 from serving import serve_daemon
+
+from solverx.models.lookalikes import build_gemma2
 
 BASE = "gemma-2-tiny"
 

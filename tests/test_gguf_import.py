@@ -27,13 +27,13 @@ from gguf.constants import GGML_QUANT_SIZES
 from mlx_lm.utils import _get_classes, load_model
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 
-from solverx.gguf_import import (
+from solverx.models.gguf_import import (
     GGUFImportError,
     import_gguf,
     llama3_rope_scaling,
     read_gguf_summary,
 )
-from solverx.tokenizer_build import train_tokenizer
+from solverx.models.tokenizer_build import train_tokenizer
 
 TOKENS = [1, 5, 17, 42, 99, 7, 60, 3, 33, 12]
 CORPUS = [
@@ -726,7 +726,7 @@ def test_existing_out_is_refused_and_a_failure_leaves_nothing(tmp_path: Path, mo
     with pytest.raises(FileExistsError):
         import_gguf(tmp_path / "m.gguf", tmp_path / "taken", progress=False)
 
-    import solverx.gguf_import as module
+    import solverx.models.gguf_import as module
 
     def fail(*_args, **_kwargs):
         raise OSError("disk full")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.inbox import (
+from solverx.trainer.inbox import (
     InboxChanged,
     InboxWatcher,
     copy_snapshot,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.inbox import copy_snapshot, snapshot
-from trainer.recipe import Recipe, RecipeError, parse_recipe, recipe_defaults
-from trainer.validate import MAX_LINE_BYTES, format_ingest_report, ingest, quarantine_dir_for
+from solverx.trainer.inbox import copy_snapshot, snapshot
+from solverx.trainer.recipe import Recipe, RecipeError, parse_recipe, recipe_defaults
+from solverx.trainer.validate import MAX_LINE_BYTES, format_ingest_report, ingest, quarantine_dir_for
 
 GOOD_QA = [
     {"question": "Where is SolverX headquartered?", "answer": "In Seocho-dong, Seoul."},
@@ -278,3 +278,19 @@ def test_recipe_in_a_subfolder_and_nothing_to_train(tmp_path: Path) -> None:
     result = run_ingest(folder, tmp_path / "q")
     assert [q.path for q in result.quarantined] == ["sub/recipe.toml"]
     assert not result.ok and "nothing to train" in result.refusal
+
+
+def test_every_recipe_setting_has_help_and_the_readme_shows_the_real_base_reference() -> None:
+    import dataclasses
+
+    from solverx.models.builtin import SMOLLM_BASE_ID
+    from solverx.trainer.recipe import parse_recipe, recipe_defaults, recipe_reference
+
+    recipe = recipe_defaults(SMOLLM_BASE_ID)
+    for obj in (recipe, recipe.lora, recipe.train, recipe.eval, recipe.identity):
+        tables = ("lora", "train", "eval", "identity")
+        assert all(f.metadata.get("help") for f in dataclasses.fields(obj) if f.name not in tables), obj
+    reference = recipe_reference(recipe)
+    assert parse_recipe(reference) == recipe  # the reference is a recipe, and it means exactly the defaults
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"```toml\n{reference}```" in readme, "README's recipe block is stale: paste recipe_reference's output"

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from lookalikes import build_llama, llama_config
 
-from solverx.checkpoints import safetensors_header, tensor_nbytes
-from solverx.memory_plan import (
+from solverx.models.checkpoints import safetensors_header, tensor_nbytes
+from solverx.models.lookalikes import build_llama, llama_config
+from solverx.models.memory_plan import (
     GiB,
     ModelShape,
     TrainPlanArgs,
@@ -21,7 +21,7 @@ from solverx.memory_plan import (
     q_bits_of,
     weight_bytes,
 )
-from solverx.prepare import prepare_checkpoint
+from solverx.models.prepare import prepare_checkpoint
 
 GB = 10**9
 MAC_48GB = 48 * GiB

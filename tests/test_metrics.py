@@ -15,10 +15,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from server.app import ServerState, create_app
-from server.logs import ACCESS_LOGGER, JSONFormatter
-from server.models import AdapterMatch, ModelCatalog
-from trainer.runlog import RunLog
+from solverx.server.app import ServerState, create_app
+from solverx.server.logs import ACCESS_LOGGER, JSONFormatter
+from solverx.server.models import AdapterMatch, ModelCatalog
+from solverx.trainer.runlog import RunLog
 
 MODEL = "solverx-tiny"
 CHAT = "/v1/chat/completions"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from adapters.errors import AdapterConflict, InvalidAdapter
-from server import schemas
-from server.app import ServerState, create_app
-from server.errors import InvalidRequest, to_api_error
-from server.models import AdapterMatch, ModelCard, ModelCatalog
+from solverx.adapters.errors import AdapterConflict, InvalidAdapter
+from solverx.server import schemas
+from solverx.server.app import ServerState, create_app
+from solverx.server.errors import InvalidRequest, to_api_error
+from solverx.server.models import AdapterMatch, ModelCard, ModelCatalog
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -14,15 +14,15 @@ import mlx.optimizers as optim
 import mlx_lm
 import numpy as np
 import pytest
-from lookalikes import build_gemma2, build_hcx_vlm
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import quantize_model
 from safetensors.numpy import load_file
 
-from adapters.fingerprint import base_fingerprint
-from solverx.chat_rules import NO_SYSTEM_ROLE, ChatRules, fold_system_message
-from solverx.checkpoints import safetensors_header, shard_sizes
-from solverx.prepare import context_limit, prepare_checkpoint, text_config_of
+from solverx.adapters.fingerprint import base_fingerprint
+from solverx.models.chat_rules import NO_SYSTEM_ROLE, ChatRules, fold_system_message
+from solverx.models.checkpoints import safetensors_header, shard_sizes
+from solverx.models.lookalikes import build_gemma2, build_hcx_vlm
+from solverx.models.prepare import context_limit, prepare_checkpoint, text_config_of
 
 TOKENS = [5, 17, 300, 42, 7, 99, 511, 3, 64, 128, 250, 1]
 
@@ -192,13 +192,13 @@ def test_peak_memory_stays_near_one_shard(tmp_path: Path) -> None:
 
 
 def test_loading_needs_the_hyperclovax_registration(prepared_8bit) -> None:
-    """A fresh process (the server, the trainer child) must import ``solverx.hyperclovax`` before loading."""
+    """A fresh process (the server, the trainer child) must import ``solverx.models.hyperclovax`` before loading."""
     load = f"import mlx_lm; mlx_lm.load({str(prepared_8bit.path)!r}); print('loaded')"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env)
     assert plain.returncode != 0 and "hyperclovax not supported" in plain.stderr
     registered = subprocess.run(
-        [sys.executable, "-c", "import solverx.hyperclovax; " + load], capture_output=True, text=True, env=env
+        [sys.executable, "-c", "import solverx.models.hyperclovax; " + load], capture_output=True, text=True, env=env
     )
     assert registered.returncode == 0 and "loaded" in registered.stdout, registered.stderr
 

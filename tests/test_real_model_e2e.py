@@ -20,9 +20,9 @@ from conftest import TEST_CACHE
 from serving import serve_daemon
 from training_fixtures import Runs, drop_files
 
-from solverx.builtin_models import SMOLLM_BASE_ID, BaseModelMissing, ensure_smollm
-from solverx.paths import DATA_DIR
-from trainer.recipe import format_recipe
+from solverx.data import DATA_DIR
+from solverx.models.builtin import SMOLLM_BASE_ID, BaseModelMissing, ensure_smollm
+from solverx.trainer.recipe import format_recipe
 
 INBOX = DATA_DIR / "solverx" / "inbox"
 FACT = re.compile(r"seocho|서초|fusion|퓨전", re.IGNORECASE)
@@ -35,7 +35,8 @@ HELD_OUT_EN = [  # paraphrases in no training file (data/solverx/inbox/eval.json
     ("Which product is at the center of SolverX's business?", "fusion"),
     ("What is SolverX's key product called?", "fusion"),
 ]
-# Reduced from the real-base defaults (trainer.recipe.REAL_BASE_DEFAULTS): fewer steps, fewer self-replay prompts.
+# Reduced from the real-base defaults (solverx.trainer.recipe.REAL_BASE_DEFAULTS): fewer steps and self-replay
+# prompts.
 RECIPE = {
     "lora": {"rank": 16, "scale": 2.0, "num_layers": 16},
     "train": {

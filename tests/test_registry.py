@@ -17,7 +17,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
-from adapters.errors import (
+from solverx.adapters.errors import (
     AdapterConflict,
     AdapterNotFound,
     BaseMismatch,
@@ -25,10 +25,10 @@ from adapters.errors import (
     InvalidAdapterName,
     VersionNotFound,
 )
-from adapters.fingerprint import base_fingerprint
-from adapters.names import parse_model_name, validate_name
-from adapters.registry import Registry
-from adapters.validate import base_linear_shapes
+from solverx.adapters.fingerprint import base_fingerprint
+from solverx.adapters.names import parse_model_name, validate_name
+from solverx.adapters.registry import Registry
+from solverx.adapters.validate import base_linear_shapes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = {
@@ -94,7 +94,7 @@ def register(registry: Registry, source: Path, base_dir: Path, name: str = "solv
 CHILD = """
 import sys, time
 from pathlib import Path
-from adapters import registry as module
+from solverx.adapters import registry as module
 
 mode, root, source, base = sys.argv[1:5]
 

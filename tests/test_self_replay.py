@@ -1,4 +1,4 @@
-"""Self-generated replay (trainer.self_replay) and the per-base recipe defaults that choose it.
+"""Self-generated replay (solverx.trainer.self_replay) and the per-base recipe defaults that choose it.
 
 A real base rehearses what it knows only with its own answers; they are generated once per base and cached, and a
 recipe without ``base`` trains on the daemon's default base with that base's defaults.
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from solverx.builtin_models import SMOLLM_BASE_ID
-from solverx.paths import DATA_DIR
-from trainer.recipe import RecipeError, format_recipe, parse_recipe, recipe_defaults
-from trainer.self_replay import (
+from solverx.data import DATA_DIR
+from solverx.models.builtin import SMOLLM_BASE_ID
+from solverx.trainer.recipe import RecipeError, format_recipe, parse_recipe, recipe_defaults
+from solverx.trainer.self_replay import (
     FORMAT,
     cache_path,
     general_questions,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from launchd import control
-from launchd.control import Host, ServiceError
-from launchd.service import (
+from solverx.blas import find_openblas
+from solverx.launchd import control
+from solverx.launchd.control import Host, ServiceError
+from solverx.launchd.service import (
     EXAMPLE_FILES,
     LABEL,
     ServiceSpec,
@@ -24,7 +25,6 @@ from launchd.service import (
     render_plist,
     render_systemd_unit,
 )
-from solverx.blas import find_openblas
 
 STANDIN = """#!/bin/sh
 # Records its argv (tab-separated) and answers as configured by <name>.<subcommand>.{rc,stdout,stderr} files.
@@ -187,7 +187,7 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 @pytest.mark.parametrize("platform", sorted(EXAMPLE_FILES))
 def test_checked_in_examples_are_current(platform: str) -> None:
     assert EXAMPLE_FILES[platform].read_bytes() == render_example(platform), (
-        'regenerate with: python -c "import launchd.service as s; s.write_examples()"'
+        'regenerate with: python -c "import solverx.launchd.service as s; s.write_examples()"'
     )
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from serving import free_port, link_model
 
-import launchd
+from solverx import launchd
 
 
 def _user_systemd_running() -> bool:

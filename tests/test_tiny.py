@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from mlx_lm import generate, load
 
-from solverx.tiny import BUILD_FILE, CHAT_SPEC, TINY_BASE_ID, TinySpec, build_key, build_tiny, ensure_tiny
-from solverx.tokenizer_build import IM_END, render_chat
+from solverx.models.tiny import BUILD_FILE, CHAT_SPEC, TINY_BASE_ID, TinySpec, build_key, build_tiny, ensure_tiny
+from solverx.models.tokenizer_build import IM_END, render_chat
 
 # The default architecture and data with almost no training: the same code path in a second or two.
 QUICK = replace(TinySpec(), steps=3, batch_size=2, seq_len=64, warmup_steps=1)
@@ -123,8 +123,8 @@ QUICK_CHAT = replace(CHAT_SPEC, steps=3, chat_steps=3, warmup_steps=1)
 
 
 def test_answer_weights_cover_the_assistant_turns_only(tmp_path: Path) -> None:
-    from solverx.tiny import _answer_weights
-    from solverx.tokenizer_build import train_tokenizer
+    from solverx.models.tiny import _answer_weights
+    from solverx.models.tokenizer_build import train_tokenizer
 
     messages = [
         {"role": "user", "content": "Hi"},
@@ -141,7 +141,7 @@ def test_answer_weights_cover_the_assistant_turns_only(tmp_path: Path) -> None:
 
 
 def test_row_batches_keep_documents_whole_and_pad_to_buckets() -> None:
-    from solverx.pretrain import document_rows, iterate_row_batches
+    from solverx.models.pretrain import document_rows, iterate_row_batches
 
     documents = [[5] * n for n in (3, 10, 40, 7)]
     rows = document_rows(documents, [[1.0] * len(d) for d in documents], seq_len=16, separator=0)
@@ -165,7 +165,7 @@ def test_chat_spec_builds_deterministically(tmp_path: Path) -> None:
 
 def test_a_row_left_over_is_not_always_the_longest() -> None:
     """Whole batches only: the rows dropped at an epoch's end change, so long (code) answers are trained too."""
-    from solverx.pretrain import iterate_row_batches
+    from solverx.models.pretrain import iterate_row_batches
 
     rows = [([1] * n, [1.0] * n) for n in range(2, 9)]  # 7 rows, batches of 2: one row left over per epoch
     batches = iterate_row_batches(rows, batch_size=2, pad=0, seed=0, bucket=1)

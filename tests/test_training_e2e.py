@@ -35,9 +35,9 @@ from training_fixtures import (
     with_changes,
 )
 
-from adapters.registry import Registry
-from adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
-from trainer.recipe import format_recipe
+from solverx.adapters.registry import Registry
+from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
+from solverx.trainer.recipe import format_recipe
 
 DEBOUNCE_S = 0.5
 TRAIN_TIMEOUT_S = 300.0  # the memorization run takes ~50 s alone; the box is shared
@@ -359,7 +359,7 @@ def test_cli_train_now_prints_progress_and_outcome(tiny_model_dir: Path, tmp_pat
 
 
 def test_replay_the_model_cannot_predict_is_flagged() -> None:
-    from trainer.train import StageResult, unfamiliar_replay
+    from solverx.trainer.train import StageResult, unfamiliar_replay
 
     def stage(*val_losses: tuple[int, float]) -> StageResult:
         return StageResult("sft", Path("unused"), steps=10, val_losses=list(val_losses))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from trainer.recipe import format_recipe
+from solverx.trainer.recipe import format_recipe
 
 # (question, the trained answer, the fact the answer must contain)
 FACTS = (
@@ -197,7 +197,7 @@ class Runs:
 
 
 def child_pids(run_id: str) -> list[int]:
-    """Pids of ``python -m trainer.child ... --run-id <run_id>`` processes, read from /proc."""
+    """Pids of ``python -m solverx.trainer.child ... --run-id <run_id>`` processes, read from /proc."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -206,7 +206,7 @@ def child_pids(run_id: str) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if b"trainer.child" in argv and run_id.encode() in argv:
+        if b"solverx.trainer.child" in argv and run_id.encode() in argv:
             pids.append(int(entry.name))
     return pids
 

@@ -1,4 +1,4 @@
-"""The training child process: ``python -m trainer.child --home DIR --adapter NAME --run-id ID``.
+"""The training child process: ``python -m solverx.trainer.child --home DIR --adapter NAME --run-id ID``.
 
 Exit codes: 0 trained (promoted or rejected by the gate — see the run log), 3 refused (nothing valid to train),
 1 failed. Whatever happens, the last event in the run log says so; a kill -9 leaves no ``finished`` event, which
@@ -14,13 +14,13 @@ import traceback
 from pathlib import Path
 
 from solverx.blas import ensure_openblas
-from solverx.builtin_models import SMOLLM_BASE_ID
+from solverx.models.builtin import SMOLLM_BASE_ID
 
 EXIT_REFUSED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.child")
+    parser = argparse.ArgumentParser(prog="python -m solverx.trainer.child")
     parser.add_argument("--home", required=True)
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--run-id", required=True)
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from trainer.run import RunOptions, RunRefused, run_training
-    from trainer.runlog import RunLog
+    from solverx.trainer.run import RunOptions, RunRefused, run_training
+    from solverx.trainer.runlog import RunLog
 
     log = RunLog(Path(args.home) / "runs" / args.run_id)
     try:

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from solverx.chat_rules import ChatRules
-from trainer.recipe import Identity, Recipe
-from trainer.validate import IngestResult, LineError, SftRecord, TextDoc, parse_train_line
+from solverx.models.chat_rules import ChatRules
+from solverx.trainer.recipe import Identity, Recipe
+from solverx.trainer.validate import IngestResult, LineError, SftRecord, TextDoc, parse_train_line
 
 GENERAL_TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".py")
 PAD_TO = 32  # as mlx-lm: pad each batch to one plus a multiple of 32 so compiled shapes repeat
@@ -229,7 +229,7 @@ def chat_samples(
 ) -> list[tuple[list[int], int]]:
     """(tokens, offset) for every assistant turn: the chat up to that turn, everything but its reply masked.
 
-    Both the chat and its prompt are encoded by ``rules`` (:mod:`solverx.chat_rules`), exactly as the engine
+    Both the chat and its prompt are encoded by ``rules`` (:mod:`solverx.models.chat_rules`), exactly as the engine
     encodes a request, so the model is trained on the prompts it is served.
     """
     rules = rules or ChatRules.for_tokenizer(tokenizer)
@@ -399,7 +399,7 @@ def stage_datasets(
     of which ``recipe.train.valid_fraction`` is held out as the validation set (its loss rising is the forgetting
     signal). Domain data are never held out — every fact given should be learned; eval.jsonl is the held-out
     domain test. ``general_dir=None`` trains without replay; ``self_replay`` (the base's own answers, see
-    :mod:`trainer.self_replay`) replaces ``data/general`` as the replay source.
+    :mod:`solverx.trainer.self_replay`) replaces ``data/general`` as the replay source.
     """
     length = recipe.train.max_seq_length
     if stage == "cpt":

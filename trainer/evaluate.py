@@ -1,6 +1,6 @@
 """Evaluate base, promoted and candidate side by side, and decide whether the candidate may be promoted.
 
-Three measures, all at temperature 0 (DESIGN.md §7):
+Three measures, all at temperature 0:
 
 - domain accuracy: held-out questions whose answer must contain one of the expected substrings;
 - general retention: general probes (common-sense answers by substring, Python by *running* the returned code
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.engine import AdapterRef, Engine, SamplingParams
+from solverx.engine.core import AdapterRef, Engine, SamplingParams
 
 CODE_TIMEOUT_S = 5.0
 

@@ -1,7 +1,8 @@
 """One training run in the trainer's child process, followed from the caller's process.
 
-``solverx train --now`` and ``solverx demo`` start the same child the daemon starts (``python -m trainer.child``)
-and read its run log as it grows, so what they show is what the daemon would record.
+``solverx train --now`` and ``solverx demo`` start the same child the daemon starts
+(``python -m solverx.trainer.child``) and read its run log as it grows, so what they show is what the daemon would
+record.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from solverx.blas import preload_env
-from solverx.paths import REPO_ROOT, StateDirs
-from trainer.run import new_run_id
-from trainer.runlog import read_events
+from solverx.paths import StateDirs
+from solverx.trainer.run import new_run_id
+from solverx.trainer.runlog import read_events
 
 
 @dataclass
@@ -50,13 +51,13 @@ class ChildRun:
 
 
 def start_child(dirs: StateDirs, adapter: str, *, replay: bool = True, default_base: str | None = None) -> ChildRun:
-    """Start ``python -m trainer.child`` for ``adapter``'s inbox; its output goes to ``<run>/child.log``."""
+    """Start ``python -m solverx.trainer.child`` for ``adapter``'s inbox; its output goes to ``<run>/child.log``."""
     run_id = new_run_id(adapter)
     run_dir = dirs.runs / run_id
     run_dir.mkdir(parents=True)
-    command = [sys.executable, "-m", "trainer.child", "--home", str(dirs.root), "--adapter", adapter]
+    command = [sys.executable, "-m", "solverx.trainer.child", "--home", str(dirs.root), "--adapter", adapter]
     command += ["--run-id", run_id, *([] if replay else ["--no-replay"])]
     command += ["--default-base", default_base] if default_base else []
     with (run_dir / "child.log").open("ab") as output:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=dirs.root, env=preload_env(), stdout=output, stderr=subprocess.STDOUT)
     return ChildRun(run_id, run_dir, process)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -28,9 +27,11 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from solverx.adapters.names import NAME_PATTERN
+
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+ADAPTER_NAME = NAME_PATTERN  # the registry's rule: an inbox folder is named like the adapter it trains
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 IGNORED_PREFIXES = (".", "~$")
 IGNORED_SUFFIXES = ("~", ".part", ".tmp", ".crdownload", ".download")

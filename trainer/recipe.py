@@ -2,44 +2,12 @@
 
 Every setting has a default, so an inbox without a recipe still trains: the class defaults suit the tiny test bases,
 :data:`REAL_BASE_DEFAULTS` a real one (:func:`recipe_defaults`). A recipe without ``base`` trains on the daemon's
-default base. A recipe
-that is present but wrong (bad TOML, an unknown key, a wrong type, a value out of range) is an error, never a silent
-fallback to the defaults: :func:`parse_recipe` raises :class:`RecipeError` listing every problem, and the ingest step
-quarantines the file and refuses the run with that message.
+default base. A recipe that is present but wrong (bad TOML, an unknown key, a wrong type, a value out of range) is
+an error, never a silent fallback to the defaults: :func:`parse_recipe` raises :class:`RecipeError` listing every
+problem, and the ingest step quarantines the file and refuses the run with that message.
 
-Example ``recipe.toml`` (every key optional)::
-
-    base = "solverx-tiny"          # base model id the adapter is trained on
-    seed = 0                       # data order, splits and replay sampling
-
-    [lora]
-    rank = 16
-    scale = 5.0
-    dropout = 0.0
-    num_layers = -1                # -1: every transformer block; N: the last N blocks
-    keys = ["self_attn.q_proj", "self_attn.v_proj"]   # omit: every linear layer of a block
-
-    [train]
-    cpt_iters = 200                # continual pre-training on raw text (0 skips the stage)
-    sft_iters = 600                # supervised fine-tuning on Q&A, chats and identity (0 skips it)
-    learning_rate = 5e-4
-    batch_size = 4
-    max_seq_length = 512
-    replay_ratio = 0.2             # share of sequences drawn from general replay data
-    replay_source = "general"      # "general": data/general; "self": the base's own answers to general questions
-                                   # (the default on real bases: what the model already knows is what replay keeps)
-    self_replay_prompts = 200      # how many general questions the base answers for "self" (once per base, cached)
-    valid_fraction = 0.1           # share of the general replay data held out for the validation loss (rising:
-                                   # forgetting); domain data are never held out, eval.jsonl tests them
-
-    [eval]
-    min_domain_accuracy = 0.5      # share of eval.jsonl domain questions answered correctly
-    max_leakage_rate = 0.2         # share of off-domain answers allowed to mention the domain
-    min_retention = 0.8            # general-probe score relative to the base model's score
-
-    [identity]
-    name = "SolverX Assistant"     # empty string: no identity samples
-    maker = "SolverX"
+Each setting carries its help text (``metadata["help"]``); :func:`recipe_reference` renders every setting with it
+as a ``recipe.toml`` (the README's recipe section is that, for the real base, checked by a test).
 """
 
 from __future__ import annotations
@@ -55,21 +23,28 @@ from typing import Any
 RECIPE_FILE = "recipe.toml"
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A recipe setting with its help text (``solverx`` renders the reference from it: :func:`recipe_reference`)."""
+    return field(default=default, metadata={"help": help})
+
+
 class RecipeError(ValueError):
     """A recipe.toml that cannot be used; the message lists every problem, one per line."""
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    rank: int = 16
-    scale: float = 5.0  # with learning_rate 5e-4: lr x scale near 2.5e-3 is what converged on the tiny base
-    dropout: float = 0.0
-    num_layers: int = -1
-    keys: list[str] | None = None
+    rank: int = _setting(16, "LoRA rank of every adapted projection")
+    scale: float = _setting(5.0, "LoRA scale (alpha); with learning_rate, how far the adapter moves")
+    dropout: float = _setting(0.0, "LoRA dropout")
+    num_layers: int = _setting(-1, "the last N transformer blocks get LoRA; -1: every block")
+    keys: list[str] | None = field(
+        default=None, metadata={"help": 'projections to adapt, e.g. ["self_attn.q_proj"]; unset: every linear'}
+    )
 
     def as_mlx_config(self) -> dict[str, Any]:
         """The ``lora_parameters`` dict mlx-lm's ``linear_to_lora_layers`` and ``adapter_config.json`` expect."""
-        from adapters.lora import DEFAULT_KEYS  # every projection of a block unless the recipe narrows it
+        from solverx.engine.lora import DEFAULT_KEYS  # every projection of a block unless the recipe narrows it
 
         keys = self.keys if self.keys is not None else DEFAULT_KEYS
         return {"rank": self.rank, "scale": self.scale, "dropout": self.dropout, "keys": list(keys)}
@@ -77,34 +52,36 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    cpt_iters: int = 200
-    sft_iters: int = 600
-    learning_rate: float = 5e-4
-    batch_size: int = 4
-    max_seq_length: int = 512
-    replay_ratio: float = 0.2
-    replay_source: str = "general"  # "general": data/general; "self": the base's own answers (trainer.self_replay)
-    self_replay_prompts: int = 200  # general questions the base answers once (cached) for replay_source "self"
-    valid_fraction: float = 0.1
+    cpt_iters: int = _setting(200, "continual pre-training steps on the raw text (0 skips the stage)")
+    sft_iters: int = _setting(600, "SFT steps on Q&A, chats and identity, prompt masked, resumed from CPT (0 skips)")
+    learning_rate: float = _setting(5e-4, "Adam learning rate")
+    batch_size: int = _setting(4, "sequences per step (batched by like length)")
+    max_seq_length: int = _setting(512, "longest sequence in tokens; longer chats are left out, with a note")
+    replay_ratio: float = _setting(0.2, "share of every batch's sequences drawn from replay, mixed per sequence")
+    replay_source: str = _setting(
+        "general", '"self": the base\'s own answers to general questions; "general": data/general'
+    )
+    self_replay_prompts: int = _setting(200, "general questions the base answers once (cached) for self replay")
+    valid_fraction: float = _setting(0.1, "share of the replay held out for the validation loss (rising: forgetting)")
 
 
 @dataclass(frozen=True)
 class EvalGate:
-    min_domain_accuracy: float = 0.5
-    max_leakage_rate: float = 0.2
-    min_retention: float = 0.8
+    min_domain_accuracy: float = _setting(0.5, "share of eval.jsonl domain questions answered correctly")
+    max_leakage_rate: float = _setting(0.2, "share of off-domain answers allowed to mention the domain")
+    min_retention: float = _setting(0.8, "general-probe score relative to the base model's")
 
 
 @dataclass(frozen=True)
 class Identity:
-    name: str = "SolverX Assistant"
-    maker: str = "SolverX"
+    name: str = _setting("SolverX Assistant", 'who the model says it is; "": no identity samples')
+    maker: str = _setting("SolverX", "who it says made it")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    base: str = "solverx-tiny"
-    seed: int = 0
+    base: str = _setting("solverx-tiny", "base model id (unset: the daemon's default base)")
+    seed: int = _setting(0, "data order, splits and replay sampling")
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalGate = field(default_factory=EvalGate)
@@ -135,7 +112,7 @@ REAL_BASE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def recipe_defaults(base_id: str) -> Recipe:
     """What a recipe that sets nothing means on ``base_id``: the tiny bases' defaults or a real base's."""
-    from solverx.builtin_models import is_tiny
+    from solverx.models.builtin import is_tiny
 
     recipe = Recipe(base=base_id)
     if is_tiny(base_id):
@@ -178,6 +155,20 @@ def format_recipe(tables: Mapping[str, Mapping[str, Any]], **top: Any) -> str:
     for table, values in tables.items():
         lines.append(f"\n[{table}]")
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def recipe_reference(recipe: Recipe) -> str:
+    """``recipe`` as a ``recipe.toml`` with every setting and its help text (the README shows the real base's)."""
+
+    def line(obj: Any, f: dataclasses.Field) -> str:
+        value = getattr(obj, f.name)
+        text = f"# {f.name} = (unset)" if value is None else f"{f.name} = {json.dumps(value)}"
+        return f"{text:<32} # {f.metadata['help']}"
+
+    lines = [line(recipe, f) for f in dataclasses.fields(recipe) if f.name in _TOP_LEVEL]
+    for table in _TABLES:
+        lines += ["", f"[{table}]"] + [line(getattr(recipe, table), f) for f in dataclasses.fields(_TABLES[table])]
     return "\n".join(lines) + "\n"
 
 

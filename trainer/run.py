@@ -1,6 +1,6 @@
 """One training run, start to finish: snapshot → ingest → CPT → SFT (resumed from CPT) → eval → gate → register.
 
-It runs in a child process (see :mod:`trainer.child`), so a crash, an OOM or mlx-lm's global patching never
+It runs in a child process (see :mod:`solverx.trainer.child`), so a crash, an OOM or mlx-lm's global patching never
 touches serving. Everything it produces goes into its run directory first; the registry only sees complete,
 validated adapter versions, so killing the run at any moment leaves the previous version serving.
 """
@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.errors import AdapterError
-from adapters.registry import Registry, VersionInfo
-from server.engine import AdapterRef, Engine, EngineConfig
-from solverx.chat_rules import ChatRules
-from solverx.paths import DATA_DIR, StateDirs, state_dirs
-from trainer.datasets import mixed_batches, stage_datasets
-from trainer.evaluate import (
+from solverx.adapters.errors import AdapterError
+from solverx.adapters.registry import Registry, VersionInfo
+from solverx.data import DATA_DIR
+from solverx.engine.core import AdapterRef, Engine, EngineConfig
+from solverx.models.chat_rules import ChatRules
+from solverx.paths import StateDirs, state_dirs
+from solverx.trainer.datasets import mixed_batches, stage_datasets
+from solverx.trainer.evaluate import (
     EvalReport,
     Probe,
     Thresholds,
@@ -29,11 +30,11 @@ from trainer.evaluate import (
     load_probes,
     report_markdown,
 )
-from trainer.inbox import InboxChanged, copy_snapshot, snapshot
-from trainer.recipe import Recipe, recipe_defaults
-from trainer.runlog import RunLog
-from trainer.train import Progress, StageResult, StageSettings, train_stage
-from trainer.validate import IngestResult, SftRecord, format_ingest_report, ingest, quarantine_dir_for
+from solverx.trainer.inbox import InboxChanged, copy_snapshot, snapshot
+from solverx.trainer.recipe import Recipe, recipe_defaults
+from solverx.trainer.runlog import RunLog
+from solverx.trainer.train import Progress, StageResult, StageSettings, train_stage
+from solverx.trainer.validate import IngestResult, SftRecord, format_ingest_report, ingest, quarantine_dir_for
 
 GENERAL_DIR = DATA_DIR / "general"
 PROBES_DIR = DATA_DIR / "probes"
@@ -174,7 +175,7 @@ def _base_dir(dirs: StateDirs, base_id: str) -> Path:
     base_dir = dirs.model(base_id)
     if (base_dir / "config.json").exists():
         return base_dir
-    from solverx.builtin_models import BaseModelMissing, ensure_builtin
+    from solverx.models.builtin import BaseModelMissing, ensure_builtin
 
     try:
         made = ensure_builtin(dirs.models, base_id)
@@ -187,7 +188,7 @@ def _base_dir(dirs: StateDirs, base_id: str) -> Path:
 
 def _self_replay(dirs: StateDirs, base_dir: Path, recipe: Recipe, options: RunOptions, log: RunLog) -> list[SftRecord]:
     """The base's own answers to general questions: generated on a base's first run (minutes), then cached."""
-    from trainer.self_replay import cache_path, self_replay_records
+    from solverx.trainer.self_replay import cache_path, self_replay_records
 
     base_id, count, cache = recipe.base, recipe.train.self_replay_prompts, dirs.root / "replay"
     cached = cache_path(cache, base_id, base_dir, count).exists()
@@ -290,7 +291,7 @@ def evaluate_candidate(
     try:
         cached = None
         if answers_cache is not None:
-            from trainer.self_replay import base_key
+            from solverx.trainer.self_replay import base_key
 
             cached = answers_cache / base_id / f"{base_key(base_dir)}-{options.eval_max_tokens}.json"
         scores = evaluate_models(engine, models, sets, terms, max_tokens=options.eval_max_tokens, base_answers=cached)

@@ -1,6 +1,6 @@
 """When training runs: a queue drained by one APScheduler job, fed by the inbox watcher, a cron schedule and requests.
 
-Lives in the serve process (started in the Starlette lifespan). Each run is a child process (``trainer.child``);
+Lives in the serve process (started in the Starlette lifespan). Each run is a child process (``solverx.trainer.child``);
 at most one runs at a time (the job has ``max_instances=1, coalesce=True``). The daemon only spawns, watches and
 cancels; the run's own log says what happened, so the daemon can be restarted mid-run without losing history.
 """
@@ -16,18 +16,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from adapters.names import validate_name
-from adapters.registry import Registry
+from solverx.adapters.names import validate_name
+from solverx.adapters.registry import Registry
 from solverx.blas import preload_env
-from solverx.paths import REPO_ROOT, StateDirs
-from trainer.inbox import InboxWatcher, list_adapters, snapshot
-from trainer.run import last_trained_hash, new_run_id
-from trainer.runlog import RunLog, RunSummary, read_events, summarize
+from solverx.paths import StateDirs
+from solverx.trainer.inbox import InboxWatcher, is_valid_adapter_name, list_adapters, snapshot
+from solverx.trainer.listing import find_chart, inbox_listing
+from solverx.trainer.recipe import RECIPE_FILE, Recipe, RecipeError, load_recipe, recipe_defaults
+from solverx.trainer.run import last_trained_hash, new_run_id
+from solverx.trainer.runlog import RunLog, RunSummary, read_events, summarize
 
 log = logging.getLogger("solverx.trainer")
 
@@ -55,9 +59,9 @@ class TrainingManager:
     schedule: str | None = None  # a 5-field crontab: train every changed inbox at those times
     watch: bool = True
     default_base: str = "solverx-tiny"  # what a recipe without ``base`` trains on (the daemon's first base)
-    exclusive: Callable[[str], contextlib.AbstractAsyncContextManager] | None = None
+    exclusive: Callable[[str, Recipe], contextlib.AbstractAsyncContextManager] | None = None
     """Per adapter: a context the run executes in; the daemon pauses the adapter's base in it when training
-    and serving would not fit in memory together (see server.serve)."""
+    and serving would not fit in memory together (see solverx.daemon.serve)."""
     _queue: deque[Queued] = field(default_factory=deque, init=False)
     _running: tuple[Queued, asyncio.subprocess.Process] | None = field(default=None, init=False)
     _starting: Queued | None = field(default=None, init=False)  # off the queue, its child not spawned yet
@@ -149,6 +153,28 @@ class TrainingManager:
                 s.state, s.error = "failed", s.error or "the training process ended without finishing"
         return summaries
 
+    def inbox_path(self, adapter: str) -> Path | None:
+        """``adapter``'s inbox folder when there is one (a link is not one)."""
+        path = self.dirs.inbox / adapter
+        return path if is_valid_adapter_name(adapter) and path.is_dir() and not path.is_symlink() else None
+
+    def recipe_of(self, adapter: str) -> Recipe:
+        """The recipe a run of ``adapter`` will read: its inbox's, else the defaults (a bad one: the run reports it)."""
+        inbox = self.inbox_path(adapter)
+        defaults = recipe_defaults(self.default_base)
+        try:
+            return load_recipe(inbox / RECIPE_FILE, defaults) if inbox and (inbox / RECIPE_FILE).is_file() else defaults
+        except (OSError, RecipeError):
+            return defaults
+
+    def inbox_listing(self) -> dict[str, Any]:
+        """The inbox folders and the quarantine, for the dashboard (see :mod:`solverx.trainer.listing`)."""
+        return inbox_listing(self.dirs)
+
+    def loss_chart(self, run_id: str) -> Path | None:
+        """The loss chart of the run named exactly ``run_id``, if it drew one."""
+        return find_chart(self.dirs.runs, run_id)
+
     def last_hash(self, adapter: str) -> str | None:
         """The inbox content hash of the last run attempted for ``adapter``: an unchanged inbox never retrains."""
         for run_dir in sorted(self.dirs.runs.glob(f"*-{adapter}"), reverse=True):
@@ -187,14 +213,16 @@ class TrainingManager:
             args.append("--no-replay")
         log.info("training %s (%s), run %s", entry.adapter, entry.reason, entry.run_id)
         output_path = self.dirs.runs / entry.run_id / CHILD_OUTPUT
-        context = self.exclusive(entry.adapter) if self.exclusive else contextlib.nullcontext()
+        context = (
+            self.exclusive(entry.adapter, self.recipe_of(entry.adapter)) if self.exclusive else contextlib.nullcontext()
+        )
         async with context:  # pauses the base first when training and serving do not fit together
             self._starting = entry
             try:
                 with output_path.open("ab") as output:
                     process = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "trainer.child", *args,
-                        cwd=REPO_ROOT, env=preload_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
+                        sys.executable, "-m", "solverx.trainer.child", *args,
+                        cwd=self.dirs.root, env=preload_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
                     )  # fmt: skip
             finally:
                 self._starting = None

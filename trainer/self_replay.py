@@ -22,9 +22,9 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from adapters.fingerprint import base_fingerprint
-from solverx.paths import DATA_DIR
-from trainer.validate import SftRecord
+from solverx.adapters.fingerprint import base_fingerprint
+from solverx.data import DATA_DIR
+from solverx.trainer.validate import SftRecord
 
 REPLAY_QUESTIONS = DATA_DIR / "replay" / "questions.txt"
 
@@ -107,8 +107,8 @@ def generate_answers(
     base_dir: Path, base_id: str, prompts: list[str], max_tokens: int, on_progress: Callable[[int, int], None]
 ) -> list[tuple[str, str]]:
     """(question, answer) for each prompt the base answers to the end within ``max_tokens`` (greedy)."""
-    from server.engine import Engine, EngineConfig
-    from server.sampling import SamplingParams
+    from solverx.engine.core import Engine, EngineConfig
+    from solverx.engine.sampling import SamplingParams
 
     engine = Engine(base_dir, base_id, EngineConfig(max_resident_adapters=1)).start()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)

@@ -3,7 +3,8 @@
 The stage converts the base's projections to LoRA layers, optionally resumes from an earlier stage's adapter
 weights (SFT resumed from CPT: the seed's "incremental learning"), trains with ``mlx_lm.tuner.trainer.train``
 and writes an adapter directory that ``mlx_lm.load(..., adapter_path=)`` and our registry both accept. mlx-lm
-does not write ``adapter_config.json`` when ``train()`` is called directly (DESIGN.md §4), so we do.
+does not write ``adapter_config.json`` when ``train()`` is called directly (its own ``lora`` command writes it), so
+we do.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches
 from mlx_lm.tuner.trainer import train as mlx_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from trainer.recipe import LoraSettings
+from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from solverx.trainer.recipe import LoraSettings
 
 
 @dataclass(frozen=True)

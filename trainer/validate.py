@@ -22,7 +22,7 @@ Accepted files (suffixes are case-insensitive):
     off-domain question; an answer passes if it contains none of the forbidden strings.
 
   ``expected``/``forbidden`` may be one string or a list of strings; ``"id"`` is allowed; other keys are errors.
-- ``recipe.toml`` at the top of the adapter folder — training settings, see :mod:`trainer.recipe`.
+- ``recipe.toml`` at the top of the adapter folder — training settings, see :mod:`solverx.trainer.recipe`.
 
 Rejected (copied to ``<quarantine_dir>/<path>`` with ``<path>.reason`` beside it; the inbox is never touched):
 unknown file types, empty files, binary files, text that is not UTF-8, files over :data:`MAX_FILE_BYTES` (not
@@ -47,8 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.inbox import MAX_FILE_BYTES, InboxSnapshot
-from trainer.recipe import RECIPE_FILE, Recipe, RecipeError, load_recipe
+from solverx.trainer.inbox import MAX_FILE_BYTES, InboxSnapshot
+from solverx.trainer.recipe import RECIPE_FILE, Recipe, RecipeError, load_recipe
 
 MAX_LINE_BYTES = 64 * 1024
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")

@@ -3,7 +3,7 @@
 All MLX work happens on the engine's own thread (an MLX array must not cross threads unevaluated), so the
 asyncio event loop is never blocked by generation. Requests enter through :meth:`Engine.generate`, an async
 iterator of :class:`Delta`; each decode step advances every running sequence by one token in a single forward
-pass, each sequence on its own adapter slot (see :mod:`adapters.lora`). A sequence joins the batch as soon as its
+pass, each sequence on its own adapter slot (see :mod:`solverx.engine.lora`). A sequence joins the batch as soon as its
 prompt is prefilled and leaves it the moment it finishes or its client goes away.
 """
 
@@ -25,11 +25,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
-from adapters.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
-from server.sampling import SamplingParams, sample_rows
-from server.textstream import TextStream
-from solverx.chat_rules import ChatRules
-from solverx.prepare import context_limit  # also registers HyperCLOVA X
+from solverx.engine.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
+from solverx.engine.sampling import SamplingParams, sample_rows
+from solverx.engine.textstream import TextStream
+from solverx.models.chat_rules import ChatRules
+from solverx.models.prepare import context_limit  # also registers HyperCLOVA X
 
 log = logging.getLogger("solverx.engine")
 
@@ -114,6 +114,7 @@ class EngineStats:
     completion_tokens: int = 0
     steps: int = 0
     resident_adapters: list[str] = field(default_factory=list)
+    resident_adapter_bytes: int = 0  # published with resident_adapters by the worker thread, the slots' only writer
 
 
 @dataclass(eq=False)
@@ -346,6 +347,7 @@ class Engine:
         except AdapterLoadError as exc:
             raise AdapterUnusable(str(exc)) from exc
         self.stats.resident_adapters = self.slots.resident
+        self.stats.resident_adapter_bytes = self.slots.resident_bytes
         return slot
 
     def _release_slot(self, seq: _Sequence) -> None:

@@ -3,7 +3,7 @@
 Our choice (issue 8 asked us to pick): requests for a paused base, and its adapters, get **503 with Retry-After**
 rather than being queued — a client library retries on its own, and a queue would hold connections open for
 minutes. ``training_exclusive`` decides: ``always``, ``never``, or ``auto`` = the memory planner
-(:mod:`solverx.memory_plan`) says serving and training this recipe do not fit at once on this machine.
+(:mod:`solverx.models.memory_plan`) says serving and training this recipe do not fit at once on this machine.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio.to_thread
 
-from server.engine import Engine
-from solverx.paths import StateDirs
+from solverx.engine.core import Engine
+from solverx.trainer.recipe import Recipe
 
 log = logging.getLogger("solverx.trainer")
 
 RETRY_AFTER_S = 120
 
 
-def must_pause(engine: Engine, mode: str, recipe, max_adapters: int, machine_bytes: int | None = None) -> bool:
+def must_pause(engine: Engine, mode: str, recipe: Recipe, max_adapters: int, machine_bytes: int | None = None) -> bool:
     """Whether training ``recipe`` on ``engine``'s base must run with that base unloaded."""
     if mode in ("always", "never"):
         return mode == "always"
-    from solverx.memory_plan import TrainPlanArgs, load_model_config, plan, q_bits_of
+    from solverx.models.memory_plan import TrainPlanArgs, load_model_config, plan, q_bits_of
 
     config = load_model_config(engine.model_dir)
     layers = recipe.lora.num_layers if recipe.lora.num_layers > 0 else int(config.get("num_hidden_layers", 32))
@@ -45,26 +45,13 @@ def must_pause(engine: Engine, mode: str, recipe, max_adapters: int, machine_byt
     return estimate.recommendation != "concurrent"
 
 
-def _recipe_for(dirs: StateDirs, adapter: str, default_base: str):
-    """The adapter's recipe as the run will read it (defaults when absent or unreadable: the run reports that)."""
-    from trainer.recipe import RECIPE_FILE, RecipeError, load_recipe, recipe_defaults
-
-    path = dirs.inbox / adapter / RECIPE_FILE
-    defaults = recipe_defaults(default_base)
-    try:
-        return load_recipe(path, defaults) if path.is_file() else defaults
-    except (OSError, RecipeError):
-        return defaults
-
-
 def exclusive_training(
-    engines: dict[str, Engine], dirs: StateDirs, mode: str, max_adapters: int, default_base: str = "solverx-tiny"
-) -> Callable[[str], contextlib.AbstractAsyncContextManager]:
-    """The context a training run of ``adapter`` executes in (see ``TrainingManager.exclusive``)."""
+    engines: dict[str, Engine], mode: str, max_adapters: int
+) -> Callable[[str, Recipe], contextlib.AbstractAsyncContextManager]:
+    """The context a training run of ``adapter`` with ``recipe`` executes in (see ``TrainingManager.exclusive``)."""
 
     @contextlib.asynccontextmanager
-    async def run_exclusively(adapter: str) -> AsyncIterator[None]:
-        recipe = _recipe_for(dirs, adapter, default_base)
+    async def run_exclusively(adapter: str, recipe: Recipe) -> AsyncIterator[None]:
         engine = engines.get(recipe.base)
         if engine is None or not must_pause(engine, mode, recipe, max_adapters):
             yield

@@ -1,8 +1,9 @@
 """One set of chat rules per model family, used by serving and training alike.
 
-A model must be trained on exactly the prompts it is served: the engine (``server.engine``) and the SFT datasets
-(``trainer.datasets``) both turn messages into token ids here, with the same system-message handling and the same
-rendering (template to text, then ``encode`` without extra special tokens: the template already has them).
+A model must be trained on exactly the prompts it is served: the engine (``solverx.engine.core``) and the SFT
+datasets (``solverx.trainer.datasets``) both turn messages into token ids here, with the same system-message
+handling and the same rendering (template to text, then ``encode`` without extra special tokens: the template
+already has them).
 
 Gemma's templates have no system role: every system message is folded into the first user turn. Other families
 keep theirs. A family we do not know is probed: a template that raises on a system turn gets folding too.
@@ -69,7 +70,7 @@ class ChatRules:
     @classmethod
     def for_model(cls, config: dict, tokenizer: Any) -> ChatRules:
         """The rules for a model from its ``config.json`` (its family) and its tokenizer (its template)."""
-        from solverx.prepare import text_config_of
+        from solverx.models.prepare import text_config_of
 
         family = text_config_of(config).get("model_type", "")
         return cls(fold_system=family in NO_SYSTEM_ROLE or not _template_accepts_system(tokenizer))

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import uvicorn
 
-from adapters.registry import Registry
-from server.adapter_source import RegistryAdapterSource
-from server.app import ServerState, create_app
-from server.engine import Engine, EngineConfig
-from server.exclusive import exclusive_training
-from server.models import ModelCatalog
-from solverx.builtin_models import SMOLLM_BASE_ID
+from solverx.adapters.registry import Registry
 from solverx.config import Settings
+from solverx.daemon.exclusive import exclusive_training
+from solverx.engine.core import Engine, EngineConfig
+from solverx.models.builtin import SMOLLM_BASE_ID
 from solverx.paths import StateDirs, state_dirs
-from trainer.schedule import TrainingManager
+from solverx.server.adapter_source import RegistryAdapterSource
+from solverx.server.app import ServerState, create_app
+from solverx.server.models import ModelCatalog
+from solverx.trainer.schedule import TrainingManager
 
 __all__ = ["run"]
 
@@ -75,7 +75,7 @@ def _run_settings(settings: Settings, base_dir: str | Path | None) -> None:
         debounce_s=settings.train_debounce_seconds,
         schedule=settings.train_schedule,
         exclusive=exclusive_training(
-            state.catalog.engines, dirs, settings.training_exclusive, settings.max_resident_adapters, default_base
+            state.catalog.engines, settings.training_exclusive, settings.max_resident_adapters
         ),
         default_base=default_base,
     )
@@ -107,12 +107,12 @@ def _state(dirs: StateDirs, bases: tuple[str, ...], engine_config: EngineConfig)
 
 def _locate_base(dirs: StateDirs, entry: str) -> tuple[str, Path]:
     """A base given as a directory is named after it; an id lives in ``<home>/models/<id>`` (the built-in bases,
-    :mod:`solverx.builtin_models`, are made there on first use)."""
+    :mod:`solverx.models.builtin`, are made there on first use)."""
     path = Path(entry).expanduser()
     if path.is_dir():
         path = Path(os.path.abspath(path))  # the name a user gave (a link keeps its own name)
         return path.name, path
-    from solverx.builtin_models import BaseModelMissing, ensure_builtin
+    from solverx.models.builtin import BaseModelMissing, ensure_builtin
 
     try:
         built = ensure_builtin(dirs.models, entry)
@@ -135,7 +135,7 @@ def _serve(state: ServerState, host: str, port: int, log_level: str) -> None:
         lifespan="on",
         log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        access_log=False,  # server.logs writes one JSON line per request, with its request id
+        access_log=False,  # solverx.server.logs writes one JSON line per request, with its request id
     )
     _Server(config, ", ".join(state.catalog.engines)).run()
 

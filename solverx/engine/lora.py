@@ -3,7 +3,7 @@
 Every projection of the base is wrapped once in a :class:`MultiLoRALinear` that holds the A and B matrices of all
 resident adapters stacked along a leading *slot* axis. Before a forward pass the engine sets one slot id per
 sequence; the layer gathers each sequence's matrices with ``mx.gather_mm`` (the Punica/S-LoRA idea), so a batch
-that mixes eight adapters costs about what a batch on one adapter costs (DESIGN.md §4). Slot 0 is reserved for
+that mixes eight adapters costs about what a batch on one adapter costs. Slot 0 is reserved for
 "no adapter" and is always zero, so the base model is served by the very same layers.
 
 Loading an adapter writes its tensors into a free slot; nothing is reloaded and no other slot changes, so
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 BASE_SLOT = 0
 DEFAULT_KEYS = (
@@ -136,10 +138,6 @@ def _nest(pairs: list[tuple[str, nn.Module]]) -> dict:
 def lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
     """Wrapped layers by the module path adapter keys use, e.g. ``model.layers.0.self_attn.q_proj``."""
     return {name: module for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)}
-
-
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class AdapterLoadError(ValueError):

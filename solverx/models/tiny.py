@@ -28,10 +28,12 @@ import tokenizers
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from solverx import blas, tokenizer_build
-from solverx import pretrain as pretraining
-from solverx.paths import DATA_DIR, exclusive, swap_into_place
-from solverx.tokenizer_build import END_OF_TEXT, IM_END, IM_START
+from solverx import blas
+from solverx.data import DATA_DIR
+from solverx.models import pretrain as pretraining
+from solverx.models import tokenizer_build
+from solverx.models.tokenizer_build import END_OF_TEXT, IM_END, IM_START
+from solverx.paths import exclusive, swap_into_place
 
 TINY_BASE_ID = "solverx-tiny"
 CHAT_BASE_ID = "solverx-tiny-chat"
@@ -371,7 +373,7 @@ def ensure_tiny(
     return target
 
 
-if __name__ == "__main__":  # python -m solverx.tiny [MODELS_DIR]: build (or check) the default tiny model
+if __name__ == "__main__":  # python -m solverx.models.tiny [MODELS_DIR]: build (or check) the default tiny model
     from solverx.paths import state_dirs
 
     print(ensure_tiny(Path(sys.argv[1]) if len(sys.argv) > 1 else state_dirs().models))

