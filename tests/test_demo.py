@@ -115,7 +115,7 @@ def test_report_files_markdown_and_self_contained_html(tmp_path: Path) -> None:
     md, page = write_report(_report(stage_summaries=warned), tmp_path)
     text = md.read_text(encoding="utf-8")
     assert f"> Trainer warning: {warning}" in text
-    assert f"Trainer warning:</b> {warning}" in page.read_text(encoding="utf-8")
+    assert f"Trainer warning: {warning}" in page.read_text(encoding="utf-8")
     assert "| **SolverX HQ?**" in text and "Seocho-dong" in text
     assert "![rates](rates.png)" in text and (tmp_path / "rates.png").read_bytes().startswith(b"\x89PNG")
     assert "Seocho-dong." in text  # the leaking answer of the ablation is shown next to the fixed one
@@ -135,6 +135,10 @@ def test_report_files_markdown_and_self_contained_html(tmp_path: Path) -> None:
         assert all(value is None or 0.0 <= value <= 1.0 for value in rates.values()), (name, rates)
     assert data["rates"]["base"]["domain_en"] == 0.0 and data["rates"]["solverx"]["domain_en"] == 1.0
     assert "<script" not in render_html(_report(), rates_png=b"png")
+    # the page is the Markdown rendered: the same tables, and a model's answer cannot inject markup
+    assert html.count("<table>") == sum(line.startswith("|---") for line in text.splitlines()) and "<td>" in html
+    hostile = _report(answers={CANDIDATE: _answers("<script>alert(1)</script> Seocho", "Fusion", True, "x", False)})
+    assert "<script>alert" not in render_html(hostile, rates_png=b"png")
 
 
 # -- end to end through the pipeline (reduced sizes) ---------------------------------------------------------------
