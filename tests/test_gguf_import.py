@@ -726,7 +726,7 @@ def test_existing_out_is_refused_and_a_failure_leaves_nothing(tmp_path: Path, mo
     with pytest.raises(FileExistsError):
         import_gguf(tmp_path / "m.gguf", tmp_path / "taken", progress=False)
 
-    import solverx.models.gguf_import as module
+    import solverx.models.gguf_import.convert as module
 
     def fail(*_args, **_kwargs):
         raise OSError("disk full")
