@@ -20,8 +20,8 @@ from starlette.routing import Route
 from solverx.adapters.errors import AdapterError, InvalidAdapterName
 from solverx.adapters.names import parse_model_name, validate_name
 from solverx.adapters.registry import Registry, VersionInfo
+from solverx.server.body import read_json
 from solverx.server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, to_api_error
-from solverx.server.routes_openai import read_json
 from solverx.server.state import server_state
 
 

@@ -9,7 +9,6 @@ inside a 200 stream.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -20,7 +19,8 @@ from starlette.routing import Route
 
 from solverx.engine.core import Delta, EngineError
 from solverx.server import schemas
-from solverx.server.errors import InvalidRequest, ModelNotFound, RequestTooLarge, to_api_error
+from solverx.server.body import read_json
+from solverx.server.errors import InvalidRequest, ModelNotFound, to_api_error
 from solverx.server.metrics import track_generation
 from solverx.server.state import server_state
 from solverx.server.streaming import EventStream, cancel_on_disconnect, chat_events, completion_events, prepend
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from solverx.server.models import Resolved
     from solverx.server.state import ServerState
 
-__all__ = ["read_json", "routes"]
+__all__ = ["routes"]
 
 
 class _Endpoint(NamedTuple):
@@ -96,30 +96,6 @@ async def retrieve_model(request: Request) -> Response:
         if card.id == model:
             return JSONResponse(card.to_dict())
     raise ModelNotFound.for_model(model)
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body parsed as JSON, refusing bodies over ``limit`` bytes before reading all of them."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
-    try:
-        return json.loads(body)
-    except ValueError as exc:  # includes UnicodeDecodeError
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. Send a JSON object with Content-Type: "
-            f"application/json ({exc}).",
-            code="invalid_json",
-        ) from exc
-
-
-def _too_large(limit: int) -> RequestTooLarge:
-    return RequestTooLarge(f"The request body is larger than this server accepts ({limit} bytes).")
 
 
 def _completion_budget(

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from solverx.server.body import read_json
 from solverx.server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
-from solverx.server.routes_openai import read_json
 from solverx.server.state import server_state
 from solverx.server.training import TrainingService
 

@@ -275,6 +275,30 @@ def test_malformed_bodies_are_400(server, openapi, content, code, param):
     assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param)
 
 
+HOSTILE_ROUTES = ("/chat/completions", "/completions", "/adapters", "/adapters/solverx/promote", "/training")
+CHAT = '{"model": "solverx-tiny", "messages": [{"role": "user", "content": "%s"}], "max_tokens": 2}'
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "param"),
+    [
+        (b"[" * 1000 + b"]" * 1000, "invalid_json", None),  # RecursionError inside json before this guard
+        (b"[" * 65 + b"]" * 65, "invalid_json", None),  # deep, yet parsed: still refused before any route
+        (b'{"model": "solverx-tiny", "temperature": 1' + b"0" * 400 + b"}", "invalid_value", None),  # OverflowError
+        ((CHAT % "\\ud800").encode(), "invalid_value", "messages[0].content"),  # a lone surrogate, as JSON escapes it
+        (b'{"model": "solverx-\\udfff", "messages": []}', "invalid_value", "model"),
+        (b'{"\\ud800": 1}', "invalid_value", "\\ud800"),
+    ],
+)
+def test_hostile_json_is_a_400_on_every_route_never_a_500(server, openapi, content, code, param):
+    for route in HOSTILE_ROUTES:
+        response = httpx.post(server.api_url + route, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (route, response.status_code, response.text[:300])
+        openapi("ErrorResponse", response.json())
+        assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param), route
+    assert httpx.get(server.base_url + "/health").json()["status"] == "ok"  # and the daemon is fine
+
+
 def test_a_request_without_model_gets_the_default_model(server):
     response = httpx.post(
         server.api_url + "/chat/completions", json={"messages": QUESTION, "max_tokens": 2}, timeout=30
