@@ -119,6 +119,56 @@ def test_copy_snapshot_notices_a_file_changed_after_hashing(inbox: Path, tmp_pat
         copy_snapshot(snap, folder, tmp_path / "copy")
 
 
+def test_links_and_special_files_are_never_followed_read_or_copied_but_quarantined(inbox: Path, tmp_path: Path) -> None:
+    import os
+
+    from solverx.trainer.validate import ingest
+
+    folder = inbox / "solverx"
+    secret = write(tmp_path / "outside" / "passwd.txt", "root:x:0:0:SECRET-OUTSIDE-THE-INBOX\n")
+    (folder / "passwd.txt").symlink_to(secret)  # ln -s /etc/passwd <inbox>/passwd.txt
+    (folder / "linked").symlink_to(secret.parent, target_is_directory=True)
+    (folder / "dangling.md").symlink_to(tmp_path / "missing.md")
+    os.mkfifo(folder / "pipe.txt")
+    listing_before = sorted((p.name, p.is_symlink()) for p in folder.rglob("*"))
+
+    snap = snapshot(folder)
+    assert {f.path for f in snap.files} == {"facts.md", "qa.jsonl", "more/notes.txt"}
+    assert [path for path, _ in snap.refused] == ["dangling.md", "linked", "passwd.txt", "pipe.txt"]
+    dest = tmp_path / "run" / "inbox"
+    copy_snapshot(snap, folder, dest)
+    copied = [p for p in dest.rglob("*") if p.is_file()]
+    assert all("SECRET" not in p.read_text() for p in copied) and not any(p.is_symlink() for p in dest.rglob("*"))
+
+    result = ingest(snap, dest, tmp_path / "quarantine")
+    reasons = {q.path: q.reason for q in result.quarantined}
+    assert set(reasons) == {"dangling.md", "linked", "passwd.txt", "pipe.txt"}
+    assert "symbolic link to " + str(secret) in reasons["passwd.txt"] and "not read or copied" in reasons["passwd.txt"]
+    assert "not a regular file" in reasons["pipe.txt"]
+    assert all(q.copy is None for q in result.quarantined)
+    assert {a.path for a in result.accepted} == {"facts.md", "qa.jsonl", "more/notes.txt"}
+    quarantined = [p for p in (tmp_path / "quarantine").rglob("*") if p.is_file()]
+    assert all(p.suffix == ".reason" and "SECRET" not in p.read_text() for p in quarantined)
+    assert sorted((p.name, p.is_symlink()) for p in folder.rglob("*")) == listing_before  # the inbox is untouched
+
+
+def test_a_link_added_to_the_inbox_changes_its_hash_so_the_next_run_reports_it(inbox: Path, tmp_path: Path) -> None:
+    folder = inbox / "solverx"
+    before = snapshot(folder).content_hash
+    (folder / "passwd.txt").symlink_to(write(tmp_path / "x.txt", "x"))
+    assert snapshot(folder).content_hash != before
+
+
+def test_a_file_swapped_for_a_link_after_the_snapshot_is_not_copied(inbox: Path, tmp_path: Path) -> None:
+    folder = inbox / "solverx"
+    snap = snapshot(folder)
+    secret = write(tmp_path / "secret.md", "SolverX is headquartered in Seocho-dong, Seoul.\n")  # same bytes
+    (folder / "facts.md").unlink()
+    (folder / "facts.md").symlink_to(secret)
+    with pytest.raises(InboxChanged, match="link"):
+        copy_snapshot(snap, folder, tmp_path / "copy")
+
+
 class Recorder:
     """on_ready that records the folder's hash at the moment it is reported."""
 

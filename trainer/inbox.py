@@ -14,10 +14,13 @@ run can be reproduced from ``<runs>/<run-id>/inbox/`` alone.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,17 +57,49 @@ def is_ignored(name: str) -> bool:
 
 
 def iter_inbox_files(adapter_dir: Path) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, absolute path) of every file that counts, sorted; symlinked folders are not followed."""
+    """(relative posix path, absolute path) of every regular file that counts, sorted. Links (to files or folders)
+    and special files are never followed or read: :func:`refused_entries` lists them."""
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(adapter_dir):
-        dirnames[:] = [d for d in dirnames if not is_ignored(d) and d != "__MACOSX"]
-        for name in filenames:
+    for rel, path, kind in _walk(adapter_dir):
+        if kind == "file":
+            found.append((rel, path))
+    yield from sorted(found)
+
+
+def refused_entries(adapter_dir: Path) -> list[tuple[str, str]]:
+    """(relative path, reason) of what sits in an inbox but is not a regular file: links, FIFOs, sockets, devices."""
+    reasons = {
+        "link": "a symbolic link{target}: links are never followed out of the inbox, so its target was not read or "
+        "copied; put the file itself here",
+        "special": "not a regular file (a FIFO, socket or device): it was not read",
+    }
+    refused = []
+    for rel, path, kind in _walk(adapter_dir):
+        if kind == "file":
+            continue
+        target = ""
+        if kind == "link":
+            with contextlib.suppress(OSError):
+                target = f" to {os.readlink(path)}"
+        refused.append((rel, reasons[kind].format(target=target)))
+    return sorted(refused)
+
+
+def _walk(adapter_dir: Path) -> Iterator[tuple[str, Path, str]]:
+    """(relative path, path, "file" | "link" | "special") of every entry that counts, links never followed."""
+    for dirpath, dirnames, filenames in os.walk(adapter_dir):  # followlinks=False: a linked folder is not entered
+        linked = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        dirnames[:] = [d for d in dirnames if not is_ignored(d) and d != "__MACOSX" and d not in linked]
+        for name in [*filenames, *linked]:
             if is_ignored(name):
                 continue
             path = Path(dirpath) / name
-            if path.is_file():
-                found.append((path.relative_to(adapter_dir).as_posix(), path))
-    yield from sorted(found)
+            try:
+                mode = path.lstat().st_mode
+            except OSError:  # removed while we looked
+                continue
+            kind = "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "special"
+            yield path.relative_to(adapter_dir).as_posix(), path, kind
 
 
 def list_adapters(inbox_root: Path) -> list[str]:
@@ -109,6 +144,7 @@ class InboxSnapshot:
     adapter: str
     files: tuple[SnapshotFile, ...]
     content_hash: str
+    refused: tuple[tuple[str, str], ...] = ()  # (path, reason): links and special files, never read
 
     def to_dict(self) -> dict:
         """Plain data for a run manifest."""
@@ -142,7 +178,11 @@ def snapshot(adapter_dir: str | Path) -> InboxSnapshot:
     for rel, path in iter_inbox_files(adapter_dir):
         size = path.stat().st_size
         files.append(SnapshotFile(rel, size, file_sha256(path)))
-    return InboxSnapshot(adapter_dir.name, tuple(files), content_hash(files))
+    refused = tuple(refused_entries(adapter_dir))
+    digest = content_hash(files)
+    if refused:  # a link dropped in is news too: the run that follows reports it
+        digest = hashlib.sha256((digest + "".join(f"\0{rel}" for rel, _ in refused)).encode()).hexdigest()
+    return InboxSnapshot(adapter_dir.name, tuple(files), digest, refused)
 
 
 def copy_snapshot(
@@ -162,12 +202,27 @@ def copy_snapshot(
         target = dest / f.path
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copyfile(adapter_dir / f.path, target)
+            _copy_regular_file(adapter_dir / f.path, target)
         except FileNotFoundError:
             raise InboxChanged(f"{f.path} was removed from the inbox during the copy") from None
         if file_sha256(target) != f.sha256:
             raise InboxChanged(f"{f.path} changed in the inbox during the copy")
     return skipped
+
+
+def _copy_regular_file(source: Path, target: Path) -> None:
+    """Copy ``source`` only if it is still a regular file: a link swapped in after the snapshot is not followed."""
+    try:
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InboxChanged(f"{source.name} became a link during the copy; links are not followed") from None
+        raise
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise InboxChanged(f"{source.name} is no longer a regular file")
+        with target.open("wb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
 
 
 @dataclass

@@ -164,6 +164,8 @@ def ingest(
         copied = _quarantine(files_dir / rel if copy else None, quarantine_dir, rel, reason, kept)
         result.quarantined.append(QuarantinedFile(rel, reason, kept, copied))
 
+    for rel, reason in snap.refused:  # links and special files: recorded, never read or copied
+        reject(rel, reason, copy=False)
     for f in snap.files:
         rel, name = f.path, f.path.rsplit("/", 1)[-1]
         suffix = ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else ""
