@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,8 @@ _LOCK = ".lock"
 _GENERATION = ".generation"
 _TMP = ".tmp"
 _STATE = "state.json"
+MAX_ADAPTER_BYTES = 512 * 2**20  # the daemon passes its max_adapter_bytes setting (same default)
+MAX_CONFIG_BYTES = 1 * 2**20
 _CHUNK = 1 << 20
 
 
@@ -125,9 +128,29 @@ class _State:
 class Registry:
     """Adapters and their versions under one root directory; safe to share between processes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_adapter_bytes: int = MAX_ADAPTER_BYTES) -> None:
         self.root = Path(root)
+        self.max_adapter_bytes = max_adapter_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def _check_before_copying(self, source_dir: Path, base_dir: Path, expected_fingerprint: str | None) -> None:
+        """What needs no tensor data, checked on the source before a byte is copied (and again on the copy): the
+        files are regular files within the size limits, and the header and config fit the base."""
+        limits = {ADAPTER_WEIGHTS: self.max_adapter_bytes, ADAPTER_CONFIG: MAX_CONFIG_BYTES}
+        for filename, limit in limits.items():
+            path = source_dir / filename
+            try:
+                info = path.lstat()
+            except FileNotFoundError:
+                raise InvalidAdapter(f"{source_dir}: {filename} is missing") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidAdapter(f"{source_dir}: {filename} is not a regular file (links are not followed)")
+            if info.st_size > limit:
+                raise InvalidAdapter(
+                    f"{source_dir}: {filename} is {info.st_size:,} bytes; the limit is {limit:,} bytes "
+                    "(max_adapter_bytes)"
+                )
+        validate_adapter(source_dir, base_dir, expected_fingerprint=expected_fingerprint, read_values=False)
 
     # -- reading (no lock) ------------------------------------------------------------------------
 
@@ -206,6 +229,7 @@ class Registry:
         _check_choice("stage", stage, STAGES)
         _check_choice("status", status, STATUSES)
         expected_fingerprint = expected_fingerprint or declared_fingerprint(source_dir)
+        self._check_before_copying(source_dir, base_dir, expected_fingerprint)
         with self._locked():
             state = self._read_state(name)
             version = max([state.last_version, *self._version_numbers(name)]) + 1

@@ -160,12 +160,14 @@ def validate_adapter(
     *,
     expected_fingerprint: str | None = None,
     base_shapes: dict[str, tuple[int, int]] | None = None,
+    read_values: bool = True,
 ) -> AdapterSummary:
     """Refuse anything the server could not serve on ``base_dir``; return what the adapter is.
 
     ``expected_fingerprint`` (or a ``base_fingerprint`` in the adapter's own ``manifest.json``) must match
     the base.
-    ``base_shapes`` skips re-reading the base headers when the caller already has them.
+    ``base_shapes`` skips re-reading the base headers when the caller already has them. ``read_values=False``
+    checks only what the header and config say (the registry does that before it copies anything).
     """
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
@@ -183,7 +185,8 @@ def validate_adapter(
 
     tensors = read_safetensors_header(weights_path)
     modules = _check_tensors(tensors, shapes, rank, num_layers, keys)
-    _check_values(weights_path, tensors)
+    if read_values:
+        _check_values(weights_path, tensors)
     return AdapterSummary(
         rank=rank,
         scale=scale,

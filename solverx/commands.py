@@ -20,7 +20,7 @@ def _registry(settings: Settings):
     from solverx.adapters.registry import Registry
     from solverx.paths import state_dirs
 
-    return Registry(state_dirs(settings.home).adapters)
+    return Registry(state_dirs(settings.home).adapters, max_adapter_bytes=settings.max_adapter_bytes)
 
 
 def _print_json(data: Any) -> None:

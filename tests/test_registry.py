@@ -287,6 +287,31 @@ def test_invalid_adapter_leaves_no_trace(registry: Registry, sources, base_dir, 
     assert list((registry.root / ".tmp").iterdir()) == []
 
 
+def test_an_oversized_adapter_is_refused_by_its_size_before_anything_is_copied(base_dir, sources, tmp_path) -> None:
+    registry = Registry(tmp_path / "adapters", max_adapter_bytes=2**20)
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        (huge / name).write_bytes((sources[0] / name).read_bytes())
+    os.truncate(huge / "adapters.safetensors", 2**30)  # a 1 GiB sparse file: seconds to copy, no disk to read
+    with pytest.raises(InvalidAdapter, match=r"adapters\.safetensors is 1,073,741,824 bytes; the limit is 1,048,576"):
+        register(registry, huge, base_dir)
+    assert not (registry.root / ".tmp").exists() or list((registry.root / ".tmp").iterdir()) == []
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / "adapters.safetensors").symlink_to(sources[0] / "adapters.safetensors")
+    (link / "adapter_config.json").write_bytes((sources[0] / "adapter_config.json").read_bytes())
+    with pytest.raises(InvalidAdapter, match="not a regular file"):
+        register(registry, link, base_dir)
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "adapters.safetensors").write_bytes((sources[0] / "adapters.safetensors").read_bytes())
+    (bad_config / "adapter_config.json").write_text('{"lora_parameters": {"rank": "four"}}')
+    with pytest.raises(InvalidAdapter):  # the config is judged before the weights are copied
+        register(registry, bad_config, base_dir)
+    assert registry.names() == []
+
+
 # -- processes -----------------------------------------------------------------------------------
 
 

@@ -101,7 +101,7 @@ def _state(dirs: StateDirs, bases: tuple[str, ...], engine_config: EngineConfig)
         base_id, model_dir = _locate_base(dirs, entry)
         log.info("serving %s from %s", base_id, model_dir)
         engines[base_id] = Engine(model_dir, base_id, engine_config)
-    registry = Registry(dirs.adapters)
+    registry = Registry(dirs.adapters, max_adapter_bytes=engine_config.max_adapter_bytes)
     return ServerState(ModelCatalog(engines, RegistryAdapterSource(registry)), registry=registry)
 
 
