@@ -1,8 +1,10 @@
 """The OpenAI request and response bodies this server speaks, checked by hand into typed dataclasses.
 
-Requests: every field we act on is validated with an error that names it (``param``) the way OpenAI does;
-fields we do not know are ignored, since OpenAI clients send many. A field we know but cannot honour (``n`` > 1,
-``logprobs``) is refused rather than silently ignored. ``null`` means "not given" throughout.
+Requests: every field we act on is validated with an error that names it (``param``) the way OpenAI does. A field
+that would change the answer and that we cannot honour (tools, structured outputs, penalties, ``logit_bias``,
+``n`` > 1, ``logprobs``…: :data:`UNHONOURED`) is refused with a 400 naming it unless it holds its neutral value;
+fields that do not change the answer (``user``, ``metadata``, ``store``…) are accepted and ignored, as OpenAI's
+documentation allows. ``null`` means "not given" throughout.
 
 Responses: plain dicts shaped like ``chat.completion``, ``chat.completion.chunk`` and ``text_completion``;
 ``tests/test_openai_api.py`` checks them against the OpenAPI spec.
@@ -35,7 +37,7 @@ __all__ = [
     "usage_chunk",
 ]
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # "tool" is named, then refused (no tools here)
 MAX_STOP_SEQUENCES = 4
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -95,10 +97,41 @@ class CompletionRequest:
     options: GenerationOptions
 
 
+# Fields that change the answer, with the values that leave it unchanged: anything else is refused by name.
+UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),  # meaningless without tools, which are refused
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "web_search_options": (),
+}
+
+
+def _refuse_unhonoured(fields: dict[str, Any], names: tuple[str, ...] = tuple(UNHONOURED)) -> None:
+    for name in names:
+        value = fields.get(name)
+        if value is not None and value not in UNHONOURED[name]:
+            raise InvalidRequest(
+                f"'{name}' is not supported by this server (it would change the answer, and it cannot be honoured "
+                "here); leave it out.",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
 def parse_chat_request(body: Any, default_model: str | None = None) -> ChatCompletionRequest:
     """Validate a ``POST /v1/chat/completions`` body; raises :class:`InvalidRequest` naming the bad field."""
     fields = _object(body)
     _refuse_truthy(fields, "logprobs", "top_logprobs")
+    _refuse_unhonoured(fields)
     return ChatCompletionRequest(
         model=_model(fields, default_model),
         messages=_messages(fields.get("messages")),
@@ -110,6 +143,7 @@ def parse_completion_request(body: Any, default_model: str | None = None) -> Com
     """Validate a ``POST /v1/completions`` body: ``prompt`` is a string or a list holding one string."""
     fields = _object(body)
     _refuse_truthy(fields, "logprobs", "echo", "suffix")
+    _refuse_unhonoured(fields, ("logit_bias", "presence_penalty", "frequency_penalty"))
     best_of = _integer(fields, "best_of", minimum=1)
     if best_of not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", param="best_of", code="unsupported_value")
@@ -170,9 +204,16 @@ def _message(item: Any, where: str) -> ChatMessage:
         raise InvalidRequest(
             f"Invalid value: {role!r}. Supported values are: {supported}.", param=f"{where}.role", code="invalid_value"
         )
+    if role == "tool" or item.get("tool_calls") or item.get("function_call"):
+        field = f"{where}.role" if role == "tool" else f"{where}.tool_calls"
+        raise InvalidRequest(
+            f"Invalid '{field}': tool calls and tool results are not supported by this server (tools are not).",
+            param=field,
+            code="unsupported_value",
+        )
     content = item.get("content")
     if content is None and role == "assistant":
-        content = ""  # an assistant turn that only called tools
+        content = ""  # an assistant turn with nothing to say (its tool calls, if any, were refused above)
     return ChatMessage(role, _content(content, f"{where}.content"))
 
 

@@ -29,12 +29,58 @@ def refused(parse, body) -> InvalidRequest:
 
 
 def test_chat_request_defaults_and_extra_fields_are_ignored():
-    req = schemas.parse_chat_request({**CHAT, "user": "u1", "metadata": {"a": "b"}, "presence_penalty": 0.5})
+    extra = {"user": "u1", "metadata": {"a": "b"}, "store": False, "presence_penalty": 0, "tool_choice": "none"}
+    req = schemas.parse_chat_request({**CHAT, **extra})
     assert req.model == "m"
     assert req.messages == (schemas.ChatMessage("user", "hi"),)
     assert req.options == schemas.GenerationOptions()
     params = req.options.sampling(default_max_tokens=77)
     assert (params.temperature, params.top_p, params.max_tokens, params.stop, params.seed) == (1.0, 1.0, 77, (), None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "auto"),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("logit_bias", {"50256": -100}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("n", 2),
+    ],
+)
+def test_a_field_that_would_change_the_answer_is_refused_by_name(field, value):
+    error = refused(schemas.parse_chat_request, {**CHAT, field: value})
+    assert (error.status, error.param) == (400, field), error.message
+    assert field in error.message
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[1].role"),
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+            "messages[1].tool_calls",
+        ),
+    ],
+)
+def test_tool_turns_are_refused_by_name(message, param):
+    error = refused(schemas.parse_chat_request, {**CHAT, "messages": [*CHAT["messages"], message]})
+    assert (error.status, error.param) == (400, param)
+
+
+@pytest.mark.parametrize(("field", "value"), [("logit_bias", {"1": 5}), ("presence_penalty", 1.0), ("echo", True)])
+def test_completions_refuse_them_too(field, value):
+    error = refused(schemas.parse_completion_request, {"model": "m", "prompt": "hi", field: value})
+    assert error.param == field
 
 
 def test_chat_request_reads_every_supported_field():
@@ -61,14 +107,12 @@ def test_message_content_parts_and_roles():
             {"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
             {"role": "user", "content": "q", "name": "ann"},
             {"role": "assistant", "content": None, "tool_calls": []},
-            {"role": "tool", "content": "42", "tool_call_id": "t1"},
         ]
     )
     assert req.template_messages() == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": ""},
-        {"role": "tool", "content": "42"},
     ]
 
 
