@@ -374,6 +374,12 @@ class Registry:
         finally:
             os.close(fd)
 
+    def recover(self) -> None:
+        """Clean what writers that died left in ``.tmp/`` (the daemon calls this at start-up; every writer does it
+        too, under the lock)."""
+        with self._locked():
+            pass
+
     def _clean_tmp(self) -> None:
         """Whatever is in ``.tmp/`` while we hold the lock was left by a writer that died."""
         tmp_root = self.root / _TMP

@@ -2,14 +2,19 @@
 
 Exit codes: 0 trained (promoted or rejected by the gate — see the run log), 3 refused (nothing valid to train),
 1 failed. Whatever happens, the last event in the run log says so; a kill -9 leaves no ``finished`` event, which
-the daemon reports as failed.
+the daemon reports as failed. The process that started the run owns it: when that process dies (even by kill -9),
+the child dies too (:func:`die_with_parent`), so no orphan keeps training into a run the restarted daemon reports
+as failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -17,6 +22,30 @@ from solverx.blas import ensure_openblas
 from solverx.models.builtin import SMOLLM_BASE_ID
 
 EXIT_REFUSED = 3
+EXIT_ORPHANED = 4
+PARENT_POLL_S = 0.5
+
+
+def die_with_parent() -> None:
+    """Exit when the parent exits: Linux's parent-death signal, and everywhere a thread watching the parent pid
+    (macOS has no such signal; a reparented child sees its ``getppid()`` change)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent()
     ensure_openblas()
     code = main()
     sys.stdout.flush()

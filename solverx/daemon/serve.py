@@ -102,6 +102,7 @@ def _state(dirs: StateDirs, bases: tuple[str, ...], engine_config: EngineConfig)
         log.info("serving %s from %s", base_id, model_dir)
         engines[base_id] = Engine(model_dir, base_id, engine_config)
     registry = Registry(dirs.adapters, max_adapter_bytes=engine_config.max_adapter_bytes)
+    registry.recover()  # a daemon or trainer killed mid-registration left a half-written version in .tmp/
     return ServerState(ModelCatalog(engines, RegistryAdapterSource(registry)), registry=registry)
 
 
