@@ -7,7 +7,6 @@ an adapter for a 33 GB base costs milliseconds plus one read of the (small) adap
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from solverx import safejson
 from solverx.adapters.errors import AdapterError, BaseMismatch, InvalidAdapter
 from solverx.adapters.fingerprint import base_fingerprint
 
@@ -86,9 +86,9 @@ def read_safetensors_header(path: Path, *, error: type[AdapterError] = InvalidAd
     except OSError as exc:
         raise error(f"{path.name}: cannot read: {exc}") from exc
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path.name}: corrupt safetensors header: {exc}") from exc
+        header = safejson.loads(raw)  # every byte of an adapter is hostile: no depth, number or text may break us
+    except ValueError as exc:  # bad JSON, bad UTF-8, or safejson.UnsafeJSON
+        raise error(f"{path.name}: corrupt safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise error(f"{path.name}: corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
@@ -212,11 +212,11 @@ def declared_fingerprint(adapter_dir: Path) -> str | None:
 
 def _read_json(path: Path, error: type[AdapterError], what: str) -> dict:
     try:
-        value = json.loads(path.read_text())
+        value = safejson.loads(path.read_bytes())
     except FileNotFoundError as exc:
         raise error(f"{what}: {path.name} is missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{what}: {path.name} is not valid JSON: {exc}") from exc
+    except (OSError, ValueError) as exc:  # bad JSON, bad UTF-8, or safejson.UnsafeJSON
+        raise error(f"{what}: {path.name} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise error(f"{what}: {path.name} is not a JSON object")
     return value

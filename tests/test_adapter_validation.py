@@ -246,6 +246,34 @@ def test_missing_or_broken_files_are_refused(base_dir: Path, tmp_path: Path) -> 
     assert "adapters.safetensors is missing" in _refused(adapter, base_dir)
 
 
+HOSTILE_JSON = {
+    "deep": "[" * 5000 + "]" * 5000,  # RecursionError inside json
+    "deep but parsed": '{"a": ' + "[" * 100 + "]" * 100 + "}",
+    "huge integer": '{"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 1'
+    + "0" * 400
+    + ', "dropout": 0.0}}',  # OverflowError in math.isfinite
+    "out of range": '{"fine_tune_type": "lora", "num_layers": 1e400}',
+    "lone surrogate": '{"fine_tune_type": "lora\\ud800"}',
+}
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_JSON, ids=list(HOSTILE_JSON))
+def test_every_json_file_of_an_adapter_is_hostile_input(base_dir: Path, tmp_path: Path, hostile: str) -> None:
+    text = HOSTILE_JSON[hostile]
+    adapter = write_adapter(tmp_path / "a", base_dir, tensors=good_tensors(base_dir))
+    (adapter / "adapter_config.json").write_text(text)
+    assert "adapter_config.json is not valid JSON" in _refused(adapter, base_dir)
+
+    adapter = write_adapter(tmp_path / "m", base_dir, tensors=good_tensors(base_dir))
+    (adapter / "manifest.json").write_text(text)
+    assert "manifest.json is not valid JSON" in _refused(adapter, base_dir)
+
+    adapter = write_adapter(tmp_path / "h", base_dir, tensors=good_tensors(base_dir))
+    header = text.encode()
+    (adapter / "adapters.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert "corrupt safetensors header" in _refused(adapter, base_dir)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_and_inf_are_refused(base_dir: Path, tmp_path: Path, dtype: mx.Dtype, bad: float) -> None:
