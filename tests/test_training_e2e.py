@@ -125,9 +125,12 @@ def test_dropped_files_become_a_served_version_that_learned_them(daemon, runs, c
 
     # The tiny base predicts the mixed-in general data better than chance, so the trainer raised no replay warning.
     assert [e for e in runs.events(run_id) if e["event"] == "warning"] == []
-    # The SFT loss (facts and replay together) fell by more than half: ~4.7 → ~1.65 on every CPU kernel measured.
+    # The SFT loss (facts and replay together) fell. Batches hold sequences of like length, so one report (ten
+    # steps) can be all long replay chunks or all short Q&A: compare the mean of the last third of the reports with
+    # the mean of the first three (measured 3.36 → 1.90).
     sft = [e["loss"] for e in runs.events(run_id) if e["event"] == "progress" and e["stage"] == "sft"]
-    assert sft and sft[-1] < 0.6 * sft[0], f"SFT losses {sft}"
+    first, last = sft[:3], sft[-(len(sft) // 3) :]
+    assert len(sft) >= 9 and sum(last) / len(last) < 0.75 * sum(first) / len(first), f"SFT losses {sft}"
 
     # Served by name through the OpenAI SDK at temperature 0, the version answers about the company it was taught,
     # which the base has never heard of. Which fact comes back verbatim is chaotic on this tiny base (see
