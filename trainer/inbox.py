@@ -58,31 +58,31 @@ def is_ignored(name: str) -> bool:
 
 def iter_inbox_files(adapter_dir: Path) -> Iterator[tuple[str, Path]]:
     """(relative posix path, absolute path) of every regular file that counts, sorted. Links (to files or folders)
-    and special files are never followed or read: :func:`refused_entries` lists them."""
-    found: list[tuple[str, Path]] = []
-    for rel, path, kind in _walk(adapter_dir):
-        if kind == "file":
-            found.append((rel, path))
-    yield from sorted(found)
+    and special files are never followed or read: :func:`scan_inbox` lists them too."""
+    yield from scan_inbox(adapter_dir)[0]
 
 
-def refused_entries(adapter_dir: Path) -> list[tuple[str, str]]:
-    """(relative path, reason) of what sits in an inbox but is not a regular file: links, FIFOs, sockets, devices."""
-    reasons = {
-        "link": "a symbolic link{target}: links are never followed out of the inbox, so its target was not read or "
-        "copied; put the file itself here",
-        "special": "not a regular file (a FIFO, socket or device): it was not read",
-    }
-    refused = []
+_REFUSED = {
+    "link": "a symbolic link{target}: links are never followed out of the inbox, so its target was not read or "
+    "copied; put the file itself here",
+    "special": "not a regular file (a FIFO, socket or device): it was not read",
+}
+
+
+def scan_inbox(adapter_dir: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """One walk of an adapter folder: its regular files ``(relative path, path)`` and, apart, what is not a regular
+    file ``(relative path, reason)`` — links, FIFOs, sockets, devices — each list sorted."""
+    files, refused = [], []
     for rel, path, kind in _walk(adapter_dir):
         if kind == "file":
+            files.append((rel, path))
             continue
         target = ""
         if kind == "link":
             with contextlib.suppress(OSError):
                 target = f" to {os.readlink(path)}"
-        refused.append((rel, reasons[kind].format(target=target)))
-    return sorted(refused)
+        refused.append((rel, _REFUSED[kind].format(target=target)))
+    return sorted(files), sorted(refused)
 
 
 def _walk(adapter_dir: Path) -> Iterator[tuple[str, Path, str]]:
@@ -163,26 +163,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def content_hash(files: tuple[SnapshotFile, ...] | list[SnapshotFile]) -> str:
-    """One hash over (path, sha256) pairs, sorted by path so listing order does not matter."""
+def content_hash(
+    files: tuple[SnapshotFile, ...] | list[SnapshotFile], refused: tuple[tuple[str, str], ...] = ()
+) -> str:
+    """One hash over (path, sha256) pairs, sorted by path so listing order does not matter, and the paths of the
+    refused entries (a link dropped in is news too: the run that follows reports it)."""
     digest = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.path):
         digest.update(f"{f.path}\0{f.sha256}\n".encode())
+    for rel, _ in sorted(refused):
+        digest.update(f"{rel}\0refused\n".encode())
     return digest.hexdigest()
 
 
 def snapshot(adapter_dir: str | Path) -> InboxSnapshot:
     """Hash every file that counts in an adapter folder (read only)."""
     adapter_dir = Path(adapter_dir)
-    files = []
-    for rel, path in iter_inbox_files(adapter_dir):
-        size = path.stat().st_size
-        files.append(SnapshotFile(rel, size, file_sha256(path)))
-    refused = tuple(refused_entries(adapter_dir))
-    digest = content_hash(files)
-    if refused:  # a link dropped in is news too: the run that follows reports it
-        digest = hashlib.sha256((digest + "".join(f"\0{rel}" for rel, _ in refused)).encode()).hexdigest()
-    return InboxSnapshot(adapter_dir.name, tuple(files), digest, refused)
+    listed, refused = scan_inbox(adapter_dir)
+    files = [SnapshotFile(rel, path.stat().st_size, file_sha256(path)) for rel, path in listed]
+    return InboxSnapshot(adapter_dir.name, tuple(files), content_hash(files, tuple(refused)), tuple(refused))
 
 
 def copy_snapshot(
