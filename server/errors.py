@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from solverx.safejson import encodable
+
 log = logging.getLogger("solverx.server")
 
 __all__ = [
@@ -62,7 +64,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
-        message, param = _encodable(message), _encodable(param) if param is not None else None
+        message, param = encodable(message), encodable(param) if param is not None else None
         super().__init__(message)
         self.message = message
         self.param = param
@@ -75,12 +77,6 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _encodable(text: str) -> str:
-    """``text`` with anything UTF-8 cannot encode (a lone surrogate from a hostile request) written as an escape, so
-    the error response itself can always be sent."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class InvalidRequest(APIError):

@@ -46,15 +46,16 @@ def check_structure(value: Any, max_depth: int = MAX_DEPTH) -> None:
             for key, child in items:
                 path = f"{where}.{key}" if isinstance(node, dict) else f"{where}[{key}]"
                 if isinstance(key, str):
-                    _check_text(key, _printable(path))
+                    _check_text(key, encodable(path.lstrip(".")))
                 stack.append((child, depth + 1, path))
         elif isinstance(node, str):
-            _check_text(node, _printable(where))
+            _check_text(node, encodable(where.lstrip(".")))
 
 
-def _printable(where: str) -> str:
-    """A path that can always be encoded (the key itself may hold a surrogate)."""
-    return where.lstrip(".").encode("utf-8", "backslashreplace").decode("utf-8")
+def encodable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (a lone surrogate) written as an escape, so it can always be sent or
+    printed: a path whose key holds a surrogate, an error message quoting one."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _bounded_int(text: str) -> int:
