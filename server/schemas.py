@@ -97,8 +97,13 @@ class CompletionRequest:
     options: GenerationOptions
 
 
-# Fields that change the answer, with the values that leave it unchanged: anything else is refused by name.
-UNHONOURED: dict[str, tuple[Any, ...]] = {
+# Fields that change the answer, with the values that leave it unchanged (None: any false value, e.g. logprobs
+# false or 0): anything else is refused by name.
+UNHONOURED: dict[str, tuple[Any, ...] | None] = {
+    "logprobs": None,
+    "top_logprobs": None,
+    "echo": None,
+    "suffix": None,
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),  # meaningless without tools, which are refused
@@ -115,10 +120,14 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _refuse_unhonoured(fields: dict[str, Any], names: tuple[str, ...] = tuple(UNHONOURED)) -> None:
+CHAT_UNHONOURED = tuple(name for name in UNHONOURED if name not in ("echo", "suffix"))
+COMPLETION_UNHONOURED = ("logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
+
+
+def _refuse_unhonoured(fields: dict[str, Any], names: tuple[str, ...]) -> None:
     for name in names:
-        value = fields.get(name)
-        if value is not None and value not in UNHONOURED[name]:
+        value, neutral = fields.get(name), UNHONOURED[name]
+        if value is not None and (value if neutral is None else value not in neutral):
             raise InvalidRequest(
                 f"'{name}' is not supported by this server (it would change the answer, and it cannot be honoured "
                 "here); leave it out.",
@@ -130,8 +139,7 @@ def _refuse_unhonoured(fields: dict[str, Any], names: tuple[str, ...] = tuple(UN
 def parse_chat_request(body: Any, default_model: str | None = None) -> ChatCompletionRequest:
     """Validate a ``POST /v1/chat/completions`` body; raises :class:`InvalidRequest` naming the bad field."""
     fields = _object(body)
-    _refuse_truthy(fields, "logprobs", "top_logprobs")
-    _refuse_unhonoured(fields)
+    _refuse_unhonoured(fields, CHAT_UNHONOURED)
     return ChatCompletionRequest(
         model=_model(fields, default_model),
         messages=_messages(fields.get("messages")),
@@ -142,8 +150,7 @@ def parse_chat_request(body: Any, default_model: str | None = None) -> ChatCompl
 def parse_completion_request(body: Any, default_model: str | None = None) -> CompletionRequest:
     """Validate a ``POST /v1/completions`` body: ``prompt`` is a string or a list holding one string."""
     fields = _object(body)
-    _refuse_truthy(fields, "logprobs", "echo", "suffix")
-    _refuse_unhonoured(fields, ("logit_bias", "presence_penalty", "frequency_penalty"))
+    _refuse_unhonoured(fields, COMPLETION_UNHONOURED)
     best_of = _integer(fields, "best_of", minimum=1)
     if best_of not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", param="best_of", code="unsupported_value")
@@ -316,12 +323,6 @@ def _seed(fields: dict[str, Any]) -> int | None:
     """Any 64-bit seed, signed or not; mapped onto the unsigned range the sampler's PRNG takes."""
     seed = _integer(fields, "seed", minimum=_SEED_RANGE[0], maximum=_SEED_RANGE[1])
     return None if seed is None else seed % 2**64
-
-
-def _refuse_truthy(fields: dict[str, Any], *names: str) -> None:
-    for name in names:
-        if fields.get(name):
-            raise InvalidRequest(f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
 
 
 def _number(
