@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from solverx.data import DATA_DIR
 from solverx.models.builtin import SMOLLM_BASE_ID
 from solverx.paths import StateDirs, resolve_home
-from solverx.report import CANDIDATE, DemoReport, Variant, write_report
+from solverx.report import CANDIDATE, DemoReport, Variant, language_of, write_report
 from solverx.trainer.recipe import TrainSettings, format_recipe, recipe_defaults
 
 SAMPLE_INBOX = DATA_DIR / "solverx" / "inbox"
@@ -40,8 +39,6 @@ LANGUAGES = ("en", "ko")  # the sample corpus's: English and Korean
 # in both languages, so the report still shows Korean; ``--languages en,ko`` trains on everything.
 BASE_LANGUAGES = {SMOLLM_BASE_ID: ("en",)}
 EVAL_FILE = "eval.jsonl"  # the held-out probes: never filtered
-_HANGUL = re.compile("[\uac00-\ud7a3]")
-_LETTER = re.compile(r"[^\W\d_]")
 
 
 @dataclass(frozen=True)
@@ -89,12 +86,6 @@ def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...]) 
     tables = {"lora": {k: v for k, v in asdict(defaults.lora).items() if v is not None}, "train": asdict(train)}
     tables["eval"] = asdict(defaults.eval)
     return "# Written by `solverx demo`.\n" + format_recipe(tables, base=base_id, seed=defaults.seed)
-
-
-def language_of(text: str) -> str:
-    """``"ko"`` when most letters of ``text`` are Hangul, else ``"en"`` (an English line may name 솔버엑스)."""
-    letters = _LETTER.findall(text)
-    return "ko" if letters and 2 * len(_HANGUL.findall(text)) > len(letters) else "en"
 
 
 def languages_for(base_id: str) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ def run(
     base_dir: str | Path | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve the default tiny base (or the model in ``base_dir``, named after its folder) on ``host:port``.
+    """Serve the default base (or the model in ``base_dir``, named after its folder) on ``host:port``.
 
     ``solverx serve`` passes its resolved :class:`~solverx.config.Settings` as the only argument instead;
     then they decide everything (bases, limits, API key). Blocks until the server is stopped. ``port=0`` picks
