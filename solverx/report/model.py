@@ -92,6 +92,11 @@ def languages_note(report: DemoReport) -> str:
     )
 
 
+def percent(value: float | None) -> str:
+    """A rate as the report prints it: ``42%``, or ``—`` when it was not measured."""
+    return "—" if value is None else f"{value:.0%}"
+
+
 _HANGUL = re.compile("[\uac00-\ud7a3]")
 _LETTER = re.compile(r"[^\W\d_]")
 

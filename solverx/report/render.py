@@ -13,8 +13,8 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from solverx.report.charts import rates_chart_png
-from solverx.report.model import BASE, CANDIDATE, DemoReport, Variant, languages_note, model_rates
-from solverx.report.verdicts import _pct, findings, seed_table
+from solverx.report.model import BASE, CANDIDATE, DemoReport, Variant, languages_note, model_rates, percent
+from solverx.report.verdicts import findings, seed_table
 
 
 def _stages_text(v: Variant) -> str:
@@ -61,10 +61,11 @@ def _rates_table(report: DemoReport) -> list[str]:
         gate = "—" if model == BASE else ("passed" if variant.passed else "failed")
         split = model_rates(variant, model)
         lines.append(
-            f"| {label} | {what} | {_pct(variant.rate(model, 'domain_accuracy'))} "
-            f"| {_pct(split['domain_en'])} | {_pct(split['domain_ko'])} "
-            f"| {_pct(variant.set_accuracy(model, 'general_qa'))} | {_pct(variant.set_accuracy(model, 'python'))} "
-            f"| {_pct(variant.rate(model, 'retention'))} | {_pct(variant.rate(model, 'leakage_rate'))} | {gate} |"
+            f"| {label} | {what} | {percent(variant.rate(model, 'domain_accuracy'))} "
+            f"| {percent(split['domain_en'])} | {percent(split['domain_ko'])} "
+            f"| {percent(variant.set_accuracy(model, 'general_qa'))} "
+            f"| {percent(variant.set_accuracy(model, 'python'))} "
+            f"| {percent(variant.rate(model, 'retention'))} | {percent(variant.rate(model, 'leakage_rate'))} | {gate} |"
         )
     return lines
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from solverx.report.model import BASE, CANDIDATE, DemoReport, Variant
+from solverx.report.model import BASE, CANDIDATE, DemoReport, Variant, percent
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,6 @@ class Finding:
     evidence: str
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value:.0%}"
-
-
 def findings(report: DemoReport) -> list[Finding]:
     """Each claim of the seed, and whether this run's numbers support it."""
     out: list[Finding] = []
@@ -99,7 +95,7 @@ def findings(report: DemoReport) -> list[Finding]:
             Finding(
                 "Domain knowledge on held-out paraphrases (all eval.jsonl questions, English and Korean)",
                 verdict,
-                f"domain QA accuracy base {_pct(domain_base)} → fine-tuned {_pct(domain_tuned)}",
+                f"domain QA accuracy base {percent(domain_base)} → fine-tuned {percent(domain_tuned)}",
             )
         )
     sort_row = rows["Python sort?"]
@@ -139,8 +135,8 @@ def _replay_findings(report: DemoReport, main: Variant) -> list[Finding]:
                 "“Rose-tinted glasses”: without general data the model answers off-domain questions with the domain; "
                 "mixing general data in fixes it",
                 verdict,
-                f"off-domain answers mentioning the domain: base {_pct(base_leak)}, without mixing {_pct(plain_leak)}, "
-                f"with mixing {_pct(mixed_leak)}",
+                f"off-domain answers mentioning the domain: base {percent(base_leak)}, "
+                f"without mixing {percent(plain_leak)}, with mixing {percent(mixed_leak)}",
             )
         )
     base_ret = main.rate(BASE, "retention")
@@ -156,8 +152,8 @@ def _replay_findings(report: DemoReport, main: Variant) -> list[Finding]:
             Finding(
                 "Catastrophic forgetting without mixing, prevented by mixing general data",
                 verdict,
-                f"general retention: base {_pct(base_ret)}, without mixing {_pct(plain_ret)}, "
-                f"with mixing {_pct(mixed_ret)}",
+                f"general retention: base {percent(base_ret)}, without mixing {percent(plain_ret)}, "
+                f"with mixing {percent(mixed_ret)}",
             )
         )
     return out
@@ -171,7 +167,8 @@ def _stage_findings(report: DemoReport, main: Variant) -> list[Finding]:
         name: v.rate(CANDIDATE, "domain_accuracy") or 0.0 for name, v in (("cpt", cpt), ("sft", sft), ("both", main))
     }
     evidence = (
-        f"domain QA accuracy: CPT only {_pct(acc['cpt'])}, SFT only {_pct(acc['sft'])}, CPT→SFT {_pct(acc['both'])}"
+        f"domain QA accuracy: CPT only {percent(acc['cpt'])}, SFT only {percent(acc['sft'])}, "
+        f"CPT→SFT {percent(acc['both'])}"
     )
     resumed = any(s["stage"] == "sft" for s in main.stage_summaries) and any(
         s["stage"] == "cpt" for s in main.stage_summaries
