@@ -5,7 +5,7 @@ with the base's own answers mixed in), gated, promoted and served by name, asked
 It asserts what the seed's table shows, qualitatively: the base's answers to held-out paraphrases lack Seocho and
 SolverX Fusion, the fine-tuned version's have them, and its Python code still passes the probes' tests. A real
 base learns two facts with room to spare, so this holds on any CPU (the tiny bases' facts do not: see
-tests/training_fixtures.py). Reduced steps keep it near five minutes on 2 cores; the import is cached.
+tests/training_fixtures.py). Reduced steps keep it under five minutes on 2 cores; the import is cached.
 """
 
 from __future__ import annotations
@@ -38,18 +38,19 @@ HELD_OUT_EN = [  # paraphrases in no training file (data/solverx/inbox/eval.json
 # Reduced from the real-base defaults (solverx.trainer.recipe.REAL_BASE_DEFAULTS): fewer steps and self-replay
 # prompts.
 RECIPE = {
-    "lora": {"rank": 16, "scale": 2.0, "num_layers": 16},
+    "lora": {"rank": 16, "scale": 2.0, "num_layers": 8},
     "train": {
         "cpt_iters": 4,
-        "sft_iters": 50,
-        "learning_rate": 3e-4,
+        "sft_iters": 40,
+        "learning_rate": 5e-4,
         "batch_size": 4,
         "max_seq_length": 192,
         "replay_ratio": 0.5,
         "replay_source": "self",
-        "self_replay_prompts": 60,  # data/replay/questions.txt alone
+        "self_replay_prompts": 40,  # the first 40 of data/replay/questions.txt
     },
-    # Measured at this budget: held-out 7/7 (base 0/7), general 22/33 (base 20), Python 8/10 (base 7), leakage 2/34.
+    # Measured at this budget (LoRA on the top 8 blocks, 40 SFT steps; 4.8 min): held-out 7/7 (base 0/7), general 19/33
+    # (base 20), Python 7/10 (base 7), leakage 1/34 (base 1). 16 blocks and 50 steps took 7 min for the same outcome.
     "eval": {"min_domain_accuracy": 0.5, "max_leakage_rate": 0.25, "min_retention": 0.8},
     "identity": {"name": ""},
 }
