@@ -178,7 +178,8 @@ def to_api_error(exc: BaseException, param: str | None = None) -> APIError:
     cls = _CLASS_BY_STATUS.get(status, InvalidRequest)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return cls(str(exc), param=param or _PARAM_BY_CODE.get(code), code=code, headers=headers)
+    param = getattr(exc, "param", None) or param or _PARAM_BY_CODE.get(code)  # the error's own field comes first
+    return cls(str(exc), param=param, code=code, headers=headers)
 
 
 def _from_http_exception(exc: HTTPException) -> APIError:

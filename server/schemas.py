@@ -1,8 +1,8 @@
 """The OpenAI request and response bodies this server speaks, checked by hand into typed dataclasses.
 
 Requests: every field we act on is validated with an error that names it (``param``) the way OpenAI does. A field
-that would change the answer and that we cannot honour (tools, structured outputs, penalties, ``logit_bias``,
-``n`` > 1, ``logprobs``…: :data:`UNHONOURED`) is refused with a 400 naming it unless it holds its neutral value;
+that would change the answer and that we cannot honour (tools, structured outputs, ``n`` > 1, ``logprobs``…:
+:data:`UNHONOURED`) is refused with a 400 naming it unless it holds its neutral value;
 fields that do not change the answer (``user``, ``metadata``, ``store``…) are accepted and ignored, as OpenAI's
 documentation allows. ``null`` means "not given" throughout.
 
@@ -67,6 +67,9 @@ class GenerationOptions:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """Engine settings; ``default_max_tokens`` applies when the request set no limit."""
@@ -77,6 +80,9 @@ class GenerationOptions:
             stop=self.stop,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias,
         )
 
 
@@ -110,9 +116,6 @@ UNHONOURED: dict[str, tuple[Any, ...] | None] = {
     "functions": ([],),
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
-    "logit_bias": ({},),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -121,7 +124,10 @@ UNHONOURED: dict[str, tuple[Any, ...] | None] = {
 
 
 CHAT_UNHONOURED = tuple(name for name in UNHONOURED if name not in ("echo", "suffix"))
-COMPLETION_UNHONOURED = ("logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
+COMPLETION_UNHONOURED = ("logprobs", "echo", "suffix")
+MAX_LOGIT_BIAS_ENTRIES = 1024
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's bounds for presence_penalty and frequency_penalty
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 def _refuse_unhonoured(fields: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -300,7 +306,38 @@ def _options(fields: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Gener
         stream=stream,
         ignore_eos=_boolean(fields, "ignore_eos") or False,
         include_usage=include_usage,
+        presence_penalty=_number(fields, "presence_penalty", *PENALTY_RANGE) or 0.0,
+        frequency_penalty=_number(fields, "frequency_penalty", *PENALTY_RANGE) or 0.0,
+        logit_bias=_logit_bias(fields.get("logit_bias")),
     )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (as strings) to a bias in [-100, 100]; the engine checks the ids against its
+    vocabulary."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _wrong_type("logit_bias", "an object mapping token ids to numbers", value)
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequest(
+            f"Invalid 'logit_bias': at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(value)}.",
+            param="logit_bias",
+            code="invalid_value",
+        )
+    bias = []
+    for key, number in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 9):
+            raise InvalidRequest(
+                f"Invalid 'logit_bias': keys are token ids (non-negative integers as strings), got {key!r}.",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        amount = _number({"logit_bias": number}, "logit_bias", *LOGIT_BIAS_RANGE)
+        if amount is None:
+            raise _wrong_type("logit_bias", "an object mapping token ids to numbers", number)
+        bias.append((int(key), amount))
+    return tuple(bias)
 
 
 def _stop(value: Any) -> tuple[str, ...]:

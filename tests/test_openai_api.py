@@ -129,6 +129,39 @@ def test_seed_makes_sampling_reproducible(client):
     assert len({sample(1), sample(2), sample(3)}) > 1
 
 
+def test_logit_bias_steers_and_forbids_tokens(server, client, openapi):
+    settings = {"model": MODEL, "messages": QUESTION, "max_tokens": 6, "temperature": 0}
+    plain = client.chat.completions.create(**settings)
+    forced = client.chat.completions.create(**settings, logit_bias={"50": 100})
+    assert forced.usage.completion_tokens == 6
+    first = forced.choices[0].message.content
+    assert first and first != plain.choices[0].message.content
+    # every token is id 50: the text is one piece repeated, whatever it decodes to
+    piece = first[: len(first) // 6]
+    assert piece and first == piece * 6, first
+    forbidden = client.chat.completions.create(**settings, logit_bias={"50": -100})
+    assert piece not in forbidden.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**settings, logit_bias={"999999": 5})
+    check_error(openapi, caught.value, 400, "invalid_value", "logit_bias")
+
+
+def test_penalties_are_honoured(client):
+    settings = {
+        "model": MODEL,
+        "prompt": "Python is",
+        "max_tokens": 24,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    plain = client.completions.create(**settings).choices[0].text
+    penalties = {"frequency_penalty": 2.0, "presence_penalty": 2.0}
+    penalised = client.completions.create(**settings, **penalties).choices[0].text
+    assert penalised != plain, plain  # the tiny base repeats itself at temperature 0; penalties stop that
+    assert len(set(penalised.split())) > len(set(plain.split())), (plain, penalised)
+    assert client.completions.create(**settings, **penalties).choices[0].text == penalised
+
+
 def test_streamed_chat_equals_the_non_streamed_answer(server, client, openapi):
     settings = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0, "seed": 7}
     whole = client.chat.completions.create(**settings)

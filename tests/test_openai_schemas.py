@@ -47,9 +47,6 @@ def test_chat_request_defaults_and_extra_fields_are_ignored():
         ("function_call", "auto"),
         ("response_format", {"type": "json_object"}),
         ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        ("logit_bias", {"50256": -100}),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1),
         ("modalities", ["text", "audio"]),
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("prediction", {"type": "content", "content": "x"}),
@@ -77,10 +74,38 @@ def test_tool_turns_are_refused_by_name(message, param):
     assert (error.status, error.param) == (400, param)
 
 
-@pytest.mark.parametrize(("field", "value"), [("logit_bias", {"1": 5}), ("presence_penalty", 1.0), ("echo", True)])
+@pytest.mark.parametrize(("field", "value"), [("logprobs", 2), ("suffix", "x"), ("echo", True)])
 def test_completions_refuse_them_too(field, value):
     error = refused(schemas.parse_completion_request, {"model": "m", "prompt": "hi", field: value})
     assert error.param == field
+
+
+def test_penalties_and_logit_bias_reach_the_sampler():
+    req = chat(presence_penalty=0.5, frequency_penalty=-1, logit_bias={"7": -100, "50256": 2.5})
+    params = req.options.sampling(default_max_tokens=10)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.logit_bias == ((7, -100.0), (50256, 2.5))
+    completion = schemas.parse_completion_request({"model": "m", "prompt": "hi", "logit_bias": {"3": 1}})
+    assert completion.options.logit_bias == ((3, 1.0),)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("presence_penalty", 2.5, "decimal_above_max_value"),
+        ("frequency_penalty", -3, "decimal_below_min_value"),
+        ("logit_bias", [1, 2], "invalid_type"),
+        ("logit_bias", {"hello": 1}, "invalid_value"),
+        ("logit_bias", {"-1": 1}, "invalid_value"),
+        ("logit_bias", {"5": 101}, "decimal_above_max_value"),
+        ("logit_bias", {"5": None}, "invalid_type"),
+        ("logit_bias", {"5": "1"}, "invalid_type"),
+        ("logit_bias", {str(i): 1 for i in range(1025)}, "invalid_value"),
+    ],
+)
+def test_bad_penalties_and_logit_bias_are_refused_by_name(field, value, code):
+    error = refused(schemas.parse_chat_request, {**CHAT, field: value})
+    assert (error.status, error.param, error.code) == (400, field, code), error.message
 
 
 def test_chat_request_reads_every_supported_field():

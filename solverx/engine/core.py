@@ -26,7 +26,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from solverx.engine.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
-from solverx.engine.sampling import SamplingParams, sample_rows
+from solverx.engine.sampling import SamplingParams, process_logits, sample_rows
 from solverx.engine.textstream import TextStream
 from solverx.models.chat_rules import ChatRules
 from solverx.models.prepare import context_limit  # also registers HyperCLOVA X
@@ -54,6 +54,12 @@ class EngineError(Exception):
 class ContextLengthExceeded(EngineError):
     code = "context_length_exceeded"
     status = 400
+
+
+class InvalidLogitBias(EngineError):
+    code = "invalid_value"
+    status = 400
+    param = "logit_bias"
 
 
 class AdapterUnusable(EngineError):
@@ -131,6 +137,8 @@ class _Sequence:
     stream: TextStream | None = None
     last_token: int = 0
     generated: int = 0
+    processors: list = field(default_factory=list)  # logit bias and penalties (SamplingParams.logits_processors)
+    history: list[int] = field(default_factory=list)  # generated tokens, kept only for the processors
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -148,6 +156,7 @@ class Engine:
         self.stats = EngineStats()
         self.tokenizer = None
         self.context_length = 0
+        self.vocab_size = 0
         self.model_type = ""
         self.chat_rules = ChatRules()
         self._inbox: queue.Queue = queue.Queue()
@@ -227,6 +236,12 @@ class Engine:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt_tokens)} tokens; this model's context is {self.context_length} tokens"
             )
+        unknown = [token for token, _ in params.logit_bias if not 0 <= token < self.vocab_size]
+        if unknown:
+            raise InvalidLogitBias(
+                f"Invalid 'logit_bias': token id {unknown[0]} is not in {self.base_id}'s vocabulary "
+                f"(ids 0 to {self.vocab_size - 1})"
+            )
         seq = _Sequence(list(prompt_tokens), params, adapter, asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(seq)
         try:
@@ -279,6 +294,7 @@ class Engine:
         self.model_type = config.get("model_type", "")
         self.chat_rules = ChatRules.for_model(config, tokenizer)
         self.context_length = context_limit(config)
+        self.vocab_size = _vocab_size(config, tokenizer)
         self.slots_context = wrap_model(model, self.config.max_resident_adapters + 1, self.config.lora_rank)
         model.eval()
         mx.eval(model.parameters())
@@ -369,7 +385,9 @@ class Engine:
             logits = self.model(prompt[None, start : start + chunk], cache=cache)
             mx.eval([c.state for c in cache])
         self.stats.prompt_tokens += len(seq.prompt)
-        tokens, keys = sample_rows(logits[:, -1, :], [(params, seq.key)])
+        seq.processors = params.logits_processors()
+        logits = process_logits(logits[:, -1, :], [(seq.processors, seq.history)])
+        tokens, keys = sample_rows(logits, [(params, seq.key)])
         seq.key = keys[0]
         self._advance(seq, int(tokens.item()))
         return cache
@@ -389,6 +407,7 @@ class Engine:
         self.slots_context.set([s.slot for s in active])
         inputs = mx.array([[s.last_token] for s in active])
         logits = self.model(inputs, cache=self._cache)[:, -1, :]
+        logits = process_logits(logits, [(s.processors, s.history) for s in active])
         tokens, keys = sample_rows(logits, [(s.params, s.key) for s in active])
         mx.eval(tokens, keys)
         self.stats.steps += 1
@@ -404,6 +423,8 @@ class Engine:
         """Account one sampled token: emit its text, or finish the sequence."""
         seq.generated += 1
         self.stats.completion_tokens += 1
+        if seq.processors:
+            seq.history.append(token)
         finish = None
         if token in self._eos and not seq.params.ignore_eos:
             finish = "stop"
@@ -457,6 +478,12 @@ class Engine:
 # Chat-control tokens that end an answer in the templates we serve (ChatML, Gemma) even when the model's config
 # names only one of them as EOS: generation must never print them as text.
 _CONTROL_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>")
+
+
+def _vocab_size(config: dict, tokenizer) -> int:
+    """The rows of the model's output layer (a VLM keeps them in its text config), else the tokenizer's vocabulary."""
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else len(tokenizer.get_vocab())
 
 
 def _control_token_ids(tokenizer) -> set[int]:

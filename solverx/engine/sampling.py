@@ -1,14 +1,20 @@
 """Turn one decode step's logits into one token per sequence, each with its own sampling settings.
 
 Greedy rows (temperature 0) take the argmax of the whole batch at once. Sampled rows draw with their own
-random key, split each step, so a seeded request gives the same tokens whatever else shares its batch.
+random key, split each step, so a seeded request gives the same tokens whatever else shares its batch. A row that
+asks for ``logit_bias`` or OpenAI's presence/frequency penalties first goes through mlx-lm's logits processors,
+over the tokens that row has generated so far (OpenAI's ``c[j]``: how often token j was sampled before).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 @dataclass(frozen=True)
@@ -21,10 +27,26 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks; vLLM accepts the same field)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    def logits_processors(self) -> list[LogitsProcessor]:
+        """mlx-lm's processors for this request's bias and penalties (none when it asks for neither)."""
+        if not (self.logit_bias or self.presence_penalty or self.frequency_penalty):
+            return []
+        window = self.max_tokens  # every generated token counts, as in OpenAI's definition
+        return make_logits_processors(
+            logit_bias=dict(self.logit_bias) or None,
+            presence_penalty=self.presence_penalty or None,
+            presence_context_size=window,
+            frequency_penalty=self.frequency_penalty or None,
+            frequency_context_size=window,
+        )
 
 
 def top_p_filter(logits: mx.array, top_p: float) -> mx.array:
@@ -37,6 +59,21 @@ def top_p_filter(logits: mx.array, top_p: float) -> mx.array:
     keep = mx.zeros_like(keep_sorted)
     keep = mx.put_along_axis(keep, order, keep_sorted, axis=-1)
     return mx.where(keep, logits, -mx.inf)
+
+
+def process_logits(logits: mx.array, rows: Sequence[tuple[Sequence[LogitsProcessor], Sequence[int]]]) -> mx.array:
+    """``logits`` (B, V) with each row's processors applied over the tokens that row generated so far:
+    ``rows[i]`` is (processors, generated tokens). Unchanged when no row has a processor."""
+    if not any(processors for processors, _ in rows):
+        return logits
+    processed = []
+    for i, (processors, generated) in enumerate(rows):
+        line = logits[i : i + 1]
+        history = mx.array(list(generated), dtype=mx.int32)
+        for processor in processors:
+            line = processor(history, line)
+        processed.append(line)
+    return mx.concatenate(processed, axis=0)
 
 
 def sample_rows(logits: mx.array, rows: list[tuple[SamplingParams, mx.array | None]]) -> tuple[mx.array, list]:
