@@ -63,7 +63,9 @@ def summarize(run_dir: Path) -> RunSummary:
     summary = RunSummary(run_id=Path(run_dir).name)
     for event in read_events(run_dir):
         kind = event["event"]
-        if kind == "started":
+        if kind == "queued":
+            summary.adapter = event.get("adapter", "")
+        elif kind == "started":
             summary.state, summary.adapter, summary.started = "running", event["adapter"], event["time"]
         elif kind == "ingested":
             summary.quarantined = event.get("quarantined", [])

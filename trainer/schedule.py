@@ -64,6 +64,7 @@ class TrainingManager:
     and serving would not fit in memory together (see solverx.daemon.serve)."""
     _queue: deque[Queued] = field(default_factory=deque, init=False)
     _running: tuple[Queued, asyncio.subprocess.Process] | None = field(default=None, init=False)
+    _current: Queued | None = field(default=None, init=False)  # off the queue, from then until its child has ended
     _starting: Queued | None = field(default=None, init=False)  # off the queue, its child not spawned yet
     _cancelled: set[str] = field(default_factory=set, init=False)
     _scheduler: AsyncIOScheduler | None = field(default=None, init=False)
@@ -147,10 +148,13 @@ class TrainingManager:
         """Newest first: queued, running and finished runs."""
         dirs = sorted((p for p in self.dirs.runs.glob("*") if p.is_dir() and not p.is_symlink()), reverse=True)[:limit]
         summaries = [summarize(d) for d in dirs]
-        running = self._running[0].run_id if self._running else None
-        for s in summaries:
-            if s.state == "running" and s.run_id != running:
+        current = self._current.run_id if self._current else None
+        queued = {entry.run_id for entry in self._queue}
+        for s in summaries:  # what a daemon killed mid-run (or before the run began) left behind
+            if s.state == "running" and s.run_id != current:
                 s.state, s.error = "failed", s.error or "the training process ended without finishing"
+            elif s.state == "queued" and s.run_id not in queued and s.run_id != current:
+                s.state, s.error = "failed", "the daemon stopped before this run started"
         return summaries
 
     def inbox_path(self, adapter: str) -> Path | None:
@@ -203,8 +207,11 @@ class TrainingManager:
 
     async def _drain(self) -> None:
         while self._queue:
-            entry = self._queue.popleft()
-            await self._run_child(entry)
+            entry = self._current = self._queue.popleft()
+            try:
+                await self._run_child(entry)
+            finally:
+                self._current = None
 
     async def _run_child(self, entry: Queued) -> None:
         args = ["--home", str(self.dirs.root), "--adapter", entry.adapter, "--run-id", entry.run_id]
