@@ -51,6 +51,7 @@ class Settings:
     log_level: str
     max_tokens_cap: int
     max_body_bytes: int
+    prefill_chunk_while_decoding: int
     config: Path
 
 
@@ -119,6 +120,13 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     SettingField("log_level", "choice", "info", "logging verbosity", choices=LOG_LEVELS),
     SettingField("max_tokens_cap", "integer", 4096, "upper bound on max_tokens per request", minimum=1),
     SettingField("max_body_bytes", "size", 1 * MiB, "largest request body accepted, e.g. 1MiB", minimum=1),
+    SettingField(
+        "prefill_chunk_while_decoding",
+        "integer",
+        256,
+        "most prompt tokens prefilled between two decode steps while others stream (fewer if slow; 0: 512, unbudgeted)",
+        minimum=0,
+    ),
     SettingField("config", "path", default_config_path, "config file to read", in_file=False),
 )
 FIELDS_BY_NAME = {f.name: f for f in SETTINGS_FIELDS}

@@ -64,7 +64,9 @@ def _run_settings(settings: Settings, base_dir: str | Path | None) -> None:
         )
     bases = (str(base_dir),) if base_dir is not None else settings.base_models
     engine_config = EngineConfig(
-        max_resident_adapters=settings.max_resident_adapters, max_adapter_bytes=settings.max_adapter_bytes
+        max_resident_adapters=settings.max_resident_adapters,
+        max_adapter_bytes=settings.max_adapter_bytes,
+        prefill_chunk_while_decoding=settings.prefill_chunk_while_decoding,
     )
     dirs = state_dirs(settings.home)
     state = _state(dirs, bases, engine_config)

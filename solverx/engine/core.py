@@ -105,6 +105,11 @@ class Delta:
 class EngineConfig:
     max_batch: int = 32
     prefill_chunk: int = 512
+    # While other sequences are decoding, a prompt is prefilled at most this many tokens between two decode steps,
+    # and fewer when a chunk would take longer than PREFILL_BUDGET decode steps: a long prompt then delays each
+    # running stream's next token by a bounded amount instead of by its whole prefill. 0: chunks of
+    # prefill_chunk, with no time budget.
+    prefill_chunk_while_decoding: int = 256
     max_resident_adapters: int = 8
     max_adapter_bytes: int = 512 * 2**20
     lora_rank: int = 8
@@ -137,10 +142,16 @@ class _Sequence:
     stream: TextStream | None = None
     last_token: int = 0
     generated: int = 0
+    cache: list | None = None  # its own KV cache while its prompt is being prefilled
+    prefilled: int = 0  # prompt tokens through the model so far
+    chunk: int = 0  # tokens of its next chunk while others decode (0: not sized yet)
     processors: list = field(default_factory=list)  # logit bias and penalties (SamplingParams.logits_processors)
     history: list[int] = field(default_factory=list)  # generated tokens, kept only for the processors
     started: float = field(default_factory=time.perf_counter)
 
+
+PREFILL_BUDGET = 1.5  # a prefill chunk between two decode steps should take at most this many decode steps
+FIRST_INTERLEAVED_CHUNK = 16  # then sized to the budget from the time each chunk took
 
 _WAKE = object()
 _STOP = object()
@@ -268,21 +279,26 @@ class Engine:
             return
         self._ready.set()
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: deque[_Sequence] = deque()  # holding a slot, their prompts going through in chunks
         self._active: list[_Sequence] = []
         self._cache: list[BatchKVCache] | None = None
+        self._decode_seconds = 0.0  # a running average of one decode step's time
         try:
             while self._admit_new():
                 self._drop_cancelled()
                 self._start_waiting()
+                if self._prefilling:
+                    self._prefill_chunk()
                 if self._active:
                     self._decode_step()
-                self.stats.running, self.stats.waiting = len(self._active), len(self._waiting)
+                self.stats.running = len(self._active) + len(self._prefilling)
+                self.stats.waiting = len(self._waiting)
         except BaseException as exc:  # never leave a client hanging
             log.exception("engine worker failed")
-            for seq in [*self._active, *self._waiting]:
+            for seq in [*self._active, *self._prefilling, *self._waiting]:
                 self._fail(seq, EngineError(f"generation failed: {exc}"))
         finally:
-            for seq in [*self._active, *self._waiting]:
+            for seq in [*self._active, *self._prefilling, *self._waiting]:
                 self._fail(seq, EngineStopped("the engine stopped"))
             self._drain_inbox()
 
@@ -305,7 +321,7 @@ class Engine:
 
     def _admit_new(self) -> bool:
         """Move submitted sequences into the waiting line; block while there is nothing to do. False = stop."""
-        idle = not self._active and not self._waiting
+        idle = not self._active and not self._waiting and not self._prefilling
         try:
             item = self._inbox.get() if idle else self._inbox.get_nowait()
         except queue.Empty:
@@ -322,17 +338,20 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        for seq in [s for s in self._prefilling if s.cancelled]:
+            self._prefilling.remove(seq)
+            self._release_slot(seq)
+            seq.done, seq.cache = True, None
         if any(s.cancelled for s in self._active):
             self._retire([s for s in self._active if s.cancelled])
 
     def _start_waiting(self) -> None:
-        """Prefill waiting sequences while the batch has room and their adapters have slots."""
-        joined: list[tuple[_Sequence, list]] = []
+        """Start prefilling waiting sequences while the batch has room and their adapters have slots."""
         # Sequences whose adapter needs a slot while every slot is in use. They keep their place at the head of
         # the line (first to get a released slot, in order), but the base and adapters already resident do not
         # wait behind them: one adapter's queue must not stall requests that need no new slot.
         blocked: list[_Sequence] = []
-        while self._waiting and len(self._active) + len(joined) < self.config.max_batch:
+        while self._waiting and len(self._active) + len(self._prefilling) < self.config.max_batch:
             seq = self._waiting.popleft()
             if blocked and seq.adapter is not None and seq.adapter.key not in self.slots.resident:
                 blocked.append(seq)  # needs a slot too: stay behind the earlier ones
@@ -346,14 +365,8 @@ class Engine:
                 blocked.append(seq)  # every adapter slot is in use; wait for a sequence to finish
                 continue
             seq.slot = slot
-            cache = self._prefill(seq)
-            if seq.done:
-                self._release_slot(seq)
-            else:
-                joined.append((seq, cache))
+            self._begin_prefill(seq)
         self._waiting.extendleft(reversed(blocked))
-        if joined:
-            self._join_batch(joined)
 
     def _acquire_slot(self, seq: _Sequence) -> int | None:
         if seq.adapter is None:
@@ -370,27 +383,47 @@ class Engine:
         if seq.adapter is not None:
             self.slots.release(seq.adapter.key)
 
-    def _prefill(self, seq: _Sequence) -> list:
-        """Run the prompt through the model on its own cache and sample the first token."""
+    def _begin_prefill(self, seq: _Sequence) -> None:
         params = seq.params
         if not params.greedy:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             seq.key = mx.random.key(seed)
         seq.stream = TextStream(self.tokenizer.detokenizer, params.stop)
-        cache = make_prompt_cache(self.model)
-        self.slots_context.set([seq.slot])
-        prompt = mx.array(seq.prompt)
-        chunk = self.config.prefill_chunk
-        for start in range(0, len(seq.prompt), chunk):
-            logits = self.model(prompt[None, start : start + chunk], cache=cache)
-            mx.eval([c.state for c in cache])
-        self.stats.prompt_tokens += len(seq.prompt)
         seq.processors = params.logits_processors()
+        seq.cache = make_prompt_cache(self.model)
+        self._prefilling.append(seq)
+
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the oldest prefilling prompt through the model on its own cache; after the last
+        chunk, sample its first token and let it join the decoding batch. The chunk is short while others decode
+        (``prefill_chunk_while_decoding``), long when nothing else waits on it."""
+        seq = self._prefilling[0]
+        most = self.config.prefill_chunk_while_decoding
+        interleaved = bool(self._active) and most > 0  # 0: prefill_chunk-sized chunks, whatever else decodes
+        size = (seq.chunk or min(most, FIRST_INTERLEAVED_CHUNK)) if interleaved else self.config.prefill_chunk
+        chunk = seq.prompt[seq.prefilled : seq.prefilled + max(1, size)]
+        self.slots_context.set([seq.slot])
+        started = time.perf_counter()
+        logits = self.model(mx.array(chunk)[None], cache=seq.cache)
+        mx.eval([c.state for c in seq.cache])
+        seconds = time.perf_counter() - started
+        seq.prefilled += len(chunk)
+        if interleaved and self._decode_seconds > 0:  # size the next chunk to the budget (chunks get dearer)
+            budget = PREFILL_BUDGET * self._decode_seconds
+            seq.chunk = max(1, min(most, int(len(chunk) * budget / max(seconds, 1e-6))))
+        if seq.prefilled < len(seq.prompt):
+            return
+        self._prefilling.popleft()
+        cache, seq.cache = seq.cache, None
+        self.stats.prompt_tokens += len(seq.prompt)
         logits = process_logits(logits[:, -1, :], [(seq.processors, seq.history)])
-        tokens, keys = sample_rows(logits, [(params, seq.key)])
+        tokens, keys = sample_rows(logits, [(seq.params, seq.key)])
         seq.key = keys[0]
         self._advance(seq, int(tokens.item()))
-        return cache
+        if seq.done:
+            self._release_slot(seq)
+        else:
+            self._join_batch([(seq, cache)])
 
     def _join_batch(self, joined: list[tuple[_Sequence, list]]) -> None:
         layers = len(joined[0][1])
@@ -403,6 +436,7 @@ class Engine:
         self._active.extend(seq for seq, _ in joined)
 
     def _decode_step(self) -> None:
+        started = time.perf_counter()
         active = self._active
         self.slots_context.set([s.slot for s in active])
         inputs = mx.array([[s.last_token] for s in active])
@@ -410,6 +444,8 @@ class Engine:
         logits = process_logits(logits, [(s.processors, s.history) for s in active])
         tokens, keys = sample_rows(logits, [(s.params, s.key) for s in active])
         mx.eval(tokens, keys)
+        seconds = time.perf_counter() - started
+        self._decode_seconds = seconds if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * seconds
         self.stats.steps += 1
         for seq, token, key in zip(active, tokens.tolist(), keys, strict=True):
             seq.key = key
