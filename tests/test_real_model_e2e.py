@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -41,16 +42,17 @@ RECIPE = {
     "lora": {"rank": 16, "scale": 2.0, "num_layers": 8},
     "train": {
         "cpt_iters": 4,
-        "sft_iters": 40,
+        "sft_iters": 34,
         "learning_rate": 5e-4,
         "batch_size": 4,
         "max_seq_length": 192,
         "replay_ratio": 0.5,
         "replay_source": "self",
-        "self_replay_prompts": 40,  # the first 40 of data/replay/questions.txt
+        "self_replay_prompts": 30,  # the first 30 of data/replay/questions.txt
     },
-    # Measured at this budget (LoRA on the top 8 blocks, 40 SFT steps; 4.8 min): held-out 7/7 (base 0/7), general 19/33
-    # (base 20), Python 7/10 (base 7), leakage 1/34 (base 1). 16 blocks and 50 steps took 7 min for the same outcome.
+    # Measured at this budget (LoRA on the top 8 blocks, 34 SFT steps, 30 replay prompts; 4.3 min): held-out 7/7
+    # (base 0/7), general 21/33 (base 20), Python 7/10 (base 7), leakage 1/34 (base 1). 16 blocks, 50 steps and 60
+    # replay prompts took 7 min for the same outcome.
     "eval": {"min_domain_accuracy": 0.5, "max_leakage_rate": 0.25, "min_retention": 0.8},
     "identity": {"name": ""},
 }
@@ -109,7 +111,9 @@ def test_the_seed_table_on_the_real_base(trained) -> None:
     assert [e for e in events if e["event"] == "warning"] == []  # the base predicts its own answers well
     assert {m.id for m in client.models.list().data} >= {SMOLLM_BASE_ID, "solverx"}
 
-    answers = {q: (ask(client, SMOLLM_BASE_ID, q), ask(client, "solverx", q)) for q, _ in HELD_OUT_EN}
+    with ThreadPoolExecutor(max_workers=2 * len(HELD_OUT_EN)) as pool:  # one batch in the engine, not 14 in turn
+        asked = {(m, q): pool.submit(ask, client, m, q) for q, _ in HELD_OUT_EN for m in (SMOLLM_BASE_ID, "solverx")}
+        answers = {q: (asked[SMOLLM_BASE_ID, q].result(), asked["solverx", q].result()) for q, _ in HELD_OUT_EN}
     detail = json.dumps(answers, indent=1, ensure_ascii=False)
     assert not any(FACT.search(base) for base, _ in answers.values()), f"the base already knows: {detail}"
     knows = [fact in tuned.lower() for (q, fact), (_, tuned) in zip(HELD_OUT_EN, answers.values(), strict=True)]
