@@ -20,7 +20,6 @@ import importlib.util
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from solverx.blas import ensure_openblas, preload_env  # noqa: E402
+from benchkit import real_base, serve  # noqa: E402
+
+from solverx.blas import ensure_openblas  # noqa: E402
 
 CLIENTS = 8
 VERSIONS = 20
@@ -161,39 +162,23 @@ def main() -> None:
     ensure_openblas()
     import httpx
 
-    from solverx.models.builtin import SMOLLM_BASE_ID, ensure_smollm
-
     bench = _bench_adapters()
-    model_dir = ensure_smollm(REPO / ".state" / "bench" / "models")
-    env = dict(preload_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    model_dir, base_id = real_base()
     with tempfile.TemporaryDirectory(prefix="solverx-soak-") as tmp:
-        home = Path(tmp) / "home"
-        (home / "models").mkdir(parents=True)
-        (home / "models" / SMOLLM_BASE_ID).symlink_to(model_dir)
         adapters = bench.make_adapters(model_dir, Path(tmp) / "adapters", VERSIONS)
-        port = bench._free_port()
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "solverx", "serve", "--home", str(home), "--port", str(port),
-             "--base-models", SMOLLM_BASE_ID, "--log-level", "warning", "--max-resident-adapters", "2"],
-            cwd=REPO, env=env,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            bench._wait(url + "/health", daemon)
+        with serve(model_dir, base_id, "--max-resident-adapters", "2") as daemon:
+            url = daemon.url
             first = httpx.post(url + "/v1/adapters", json={"name": "soak", "path": str(adapters[0]), "promote": True})
             first.raise_for_status()
             warm = {"model": "soak", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
             httpx.post(url + "/v1/chat/completions", json=warm, timeout=120).raise_for_status()
-            rss_start = rss_mib(daemon.pid)
+            rss_start = rss_mib(daemon.process.pid)
             started = time.monotonic()
-            tally = asyncio.run(soak(url, adapters, args.minutes, SMOLLM_BASE_ID))
+            tally = asyncio.run(soak(url, adapters, args.minutes, base_id))
             elapsed = time.monotonic() - started
             time.sleep(1.0)  # hung-up streams are noticed at their next token
             health = httpx.get(url + "/health", timeout=10).json()
-            rss_end = rss_mib(daemon.pid)
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=60)
+            rss_end = rss_mib(daemon.process.pid)
 
     report = {
         "minutes": round(elapsed / 60, 2),

@@ -11,29 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from solverx.blas import ensure_openblas, preload_env  # noqa: E402
+from benchkit import real_base, serve  # noqa: E402
+
+from solverx.blas import ensure_openblas  # noqa: E402
 
 STREAMS = 4
 LONG_PROMPT_TOKENS = 2000
-
-
-def _bench_adapters():
-    spec = importlib.util.spec_from_file_location("bench_adapters", Path(__file__).with_name("adapters.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 async def measure(url: str, model: str, long_text: str) -> dict:
@@ -98,11 +90,7 @@ async def measure(url: str, model: str, long_text: str) -> dict:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     ensure_openblas()
-    from solverx.models.builtin import SMOLLM_BASE_ID, ensure_smollm
-
-    bench = _bench_adapters()
-    model_dir = ensure_smollm(REPO / ".state" / "bench" / "models")
-    env = dict(preload_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    model_dir, base_id = real_base()
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -112,23 +100,8 @@ def main() -> None:
         long_text += " " + words
     report = {}
     for label, chunk in (("interleaved (256)", 256), ("one-shot (0)", 0)):
-        with tempfile.TemporaryDirectory(prefix="solverx-stall-") as tmp:
-            home = Path(tmp) / "home"
-            (home / "models").mkdir(parents=True)
-            (home / "models" / SMOLLM_BASE_ID).symlink_to(model_dir)
-            port = bench._free_port()
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "solverx", "serve", "--home", str(home), "--port", str(port),
-                 "--base-models", SMOLLM_BASE_ID, "--log-level", "warning",
-                 "--prefill-chunk-while-decoding", str(chunk)],
-                cwd=REPO, env=env,
-            )  # fmt: skip
-            try:
-                bench._wait(f"http://127.0.0.1:{port}/health", daemon)
-                report[label] = asyncio.run(measure(f"http://127.0.0.1:{port}", SMOLLM_BASE_ID, long_text))
-            finally:
-                daemon.terminate()
-                daemon.wait(timeout=60)
+        with serve(model_dir, base_id, "--prefill-chunk-while-decoding", str(chunk), "--prompt-cache-bytes", "0") as d:
+            report[label] = asyncio.run(measure(d.url, base_id, long_text))
         print(label, json.dumps(report[label]), flush=True)
     ours, before = report["interleaved (256)"], report["one-shot (0)"]
     print(

@@ -12,7 +12,8 @@ Counted as requests happen:
 
 Read at scrape time (:class:`LiveCollector`): ``solverx_sequences_running``/``_waiting{base}`` (queue depth),
 ``solverx_engine_up``, ``solverx_engine_decode_steps_total``, ``solverx_resident_adapters{base}`` and
-``solverx_resident_adapter_bytes{base}``; ``solverx_training_runs{state}`` over the recent runs,
+``solverx_resident_adapter_bytes{base}``, ``solverx_prompt_cache_hit_tokens_total{base}`` and
+``solverx_prompt_cache_bytes{base}``; ``solverx_training_runs{state}`` over the recent runs,
 ``solverx_training_queued``, and the running run's ``solverx_training_step``/``_steps_planned``/``_loss``/
 ``_tokens_per_second``/``_eta_seconds{run_id,adapter,stage}``. Plus the process collector (CPU, memory).
 
@@ -173,6 +174,10 @@ def _engine_metrics(engines: list[Engine]) -> Iterator[Metric]:
     resident_bytes = GaugeMetricFamily(
         "solverx_resident_adapter_bytes", "Bytes of adapter tensors held in memory.", labels=labels
     )
+    cached = CounterMetricFamily(
+        "solverx_prompt_cache_hit_tokens", "Prompt tokens served from the prompt cache.", labels=labels
+    )
+    cache_bytes = GaugeMetricFamily("solverx_prompt_cache_bytes", "Bytes of KV cache held for prompts.", labels=labels)
     for engine in engines:
         base = [engine.base_id]
         stats = engine.stats
@@ -182,7 +187,9 @@ def _engine_metrics(engines: list[Engine]) -> Iterator[Metric]:
         steps.add_metric(base, stats.steps)
         resident.add_metric(base, len(stats.resident_adapters))
         resident_bytes.add_metric(base, stats.resident_adapter_bytes)
-    yield from (up, running, waiting, steps, resident, resident_bytes)
+        cached.add_metric(base, stats.cached_prompt_tokens)
+        cache_bytes.add_metric(base, stats.prompt_cache_bytes)
+    yield from (up, running, waiting, steps, resident, resident_bytes, cached, cache_bytes)
 
 
 def _training_metrics(manager: TrainingService) -> Iterator[Metric]:

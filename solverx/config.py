@@ -52,6 +52,7 @@ class Settings:
     max_tokens_cap: int
     max_body_bytes: int
     prefill_chunk_while_decoding: int
+    prompt_cache_bytes: int
     config: Path
 
 
@@ -126,6 +127,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
         256,
         "most prompt tokens prefilled between two decode steps while others stream (fewer if slow; 0: 512, unbudgeted)",
         minimum=0,
+    ),
+    SettingField(
+        "prompt_cache_bytes", "size", 256 * MiB, "KV cache of recent prompts, for their next turns (0: off)", minimum=0
     ),
     SettingField("config", "path", default_config_path, "config file to read", in_file=False),
 )

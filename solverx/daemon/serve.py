@@ -67,6 +67,7 @@ def _run_settings(settings: Settings, base_dir: str | Path | None) -> None:
         max_resident_adapters=settings.max_resident_adapters,
         max_adapter_bytes=settings.max_adapter_bytes,
         prefill_chunk_while_decoding=settings.prefill_chunk_while_decoding,
+        prompt_cache_bytes=settings.prompt_cache_bytes,
     )
     dirs = state_dirs(settings.home)
     state = _state(dirs, bases, engine_config)

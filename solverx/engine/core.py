@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 from solverx.engine.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
 from solverx.engine.sampling import SamplingParams, process_logits, sample_rows
@@ -110,6 +116,10 @@ class EngineConfig:
     # running stream's next token by a bounded amount instead of by its whole prefill. 0: chunks of
     # prefill_chunk, with no time budget.
     prefill_chunk_while_decoding: int = 256
+    # Prompt (prefix) cache: the KV cache of recent prompts, per base and adapter version, so a request that
+    # starts with a cached prompt (a chat's next turn) prefills only the rest. Bounded in bytes, LRU; 0: off.
+    prompt_cache_bytes: int = 256 * 2**20
+    prompt_cache_entries: int = 32
     max_resident_adapters: int = 8
     max_adapter_bytes: int = 512 * 2**20
     lora_rank: int = 8
@@ -124,6 +134,8 @@ class EngineStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     steps: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens the prompt cache spared the model
+    prompt_cache_bytes: int = 0
     resident_adapters: list[str] = field(default_factory=list)
     resident_adapter_bytes: int = 0  # published with resident_adapters by the worker thread, the slots' only writer
 
@@ -283,6 +295,7 @@ class Engine:
         self._active: list[_Sequence] = []
         self._cache: list[BatchKVCache] | None = None
         self._decode_seconds = 0.0  # a running average of one decode step's time
+        self._prompt_cache = LRUPromptCache(self.config.prompt_cache_entries, self.config.prompt_cache_bytes)
         try:
             while self._admit_new():
                 self._drop_cancelled()
@@ -390,7 +403,19 @@ class Engine:
             seq.key = mx.random.key(seed)
         seq.stream = TextStream(self.tokenizer.detokenizer, params.stop)
         seq.processors = params.logits_processors()
-        seq.cache = make_prompt_cache(self.model)
+        seq.cache, rest = None, seq.prompt
+        if self.config.prompt_cache_bytes > 0:
+            seq.cache, rest = self._prompt_cache.fetch_nearest_cache(_cache_key(seq.adapter), seq.prompt)
+            if seq.cache is not None and not rest:  # the whole prompt is cached: rerun its last token for logits
+                if can_trim_prompt_cache(seq.cache):
+                    trim_prompt_cache(seq.cache, 1)
+                    rest = seq.prompt[-1:]
+                else:
+                    seq.cache = None
+        if seq.cache is None:
+            seq.cache, rest = make_prompt_cache(self.model), seq.prompt
+        seq.prefilled = len(seq.prompt) - len(rest)
+        self.stats.cached_prompt_tokens += seq.prefilled
         self._prefilling.append(seq)
 
     def _prefill_chunk(self) -> None:
@@ -416,6 +441,9 @@ class Engine:
         self._prefilling.popleft()
         cache, seq.cache = seq.cache, None
         self.stats.prompt_tokens += len(seq.prompt)
+        if self.config.prompt_cache_bytes > 0:  # joining the batch copies it: the entry stays as it is now
+            self._prompt_cache.insert_cache(_cache_key(seq.adapter), list(seq.prompt), cache)
+            self.stats.prompt_cache_bytes = self._prompt_cache.nbytes
         logits = process_logits(logits[:, -1, :], [(seq.processors, seq.history)])
         tokens, keys = sample_rows(logits, [(seq.params, seq.key)])
         seq.key = keys[0]
@@ -514,6 +542,12 @@ class Engine:
 # Chat-control tokens that end an answer in the templates we serve (ChatML, Gemma) even when the model's config
 # names only one of them as EOS: generation must never print them as text.
 _CONTROL_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>")
+
+
+def _cache_key(adapter: AdapterRef | None) -> str:
+    """Whose prompt cache a sequence uses: the base's, or one adapter version's (its weights change every key
+    and value, so a version never reuses another's)."""
+    return "" if adapter is None else f"{adapter.key}\0{adapter.path}"
 
 
 def _vocab_size(config: dict, tokenizer) -> int:
