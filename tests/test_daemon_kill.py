@@ -137,3 +137,20 @@ def test_kill_9_at_ten_seeded_points_of_training_and_registration(tiny_model_dir
             assert unfinished == [], f"{where}: runs still marked unfinished after the restart: {unfinished}"
             interrupted = [r for r in runs.list() if r["run_id"] in known and r["state"] == "failed"]
             assert all(r["error"] for r in interrupted), interrupted
+
+
+def test_a_child_whose_daemon_died_while_it_started_exits_at_once(tmp_path: Path) -> None:
+    """The race the seeded points found: the daemon dies between spawning the child and the child arming its
+    parent-death signal. The child is told its daemon's pid; already reparented, it exits before doing anything."""
+    import subprocess
+    import sys
+
+    from solverx.trainer.child import EXIT_ORPHANED, PARENT_PID_ENV
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that was the daemon's and is no longer anyone's parent
+    env = {**os.environ, PARENT_PID_ENV: str(gone.pid)}
+    args = ["--home", str(tmp_path), "--adapter", "zorvik", "--run-id", "20260101T000000000000Z-zorvik"]
+    child = subprocess.run([sys.executable, "-m", "solverx.trainer.child", *args], env=env, timeout=60)
+    assert child.returncode == EXIT_ORPHANED
+    assert not (tmp_path / "runs").exists()  # it trained nothing and wrote nothing

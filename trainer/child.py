@@ -24,18 +24,24 @@ from solverx.models.builtin import SMOLLM_BASE_ID
 EXIT_REFUSED = 3
 EXIT_ORPHANED = 4
 PARENT_POLL_S = 0.5
+PARENT_PID_ENV = "SOLVERX_TRAINER_PARENT"  # set by the daemon (trainer/schedule.py) to its own pid
 
 
 def die_with_parent() -> None:
     """Exit when the parent exits: Linux's parent-death signal, and everywhere a thread watching the parent pid
     (macOS has no such signal; a reparented child sees its ``getppid()`` change)."""
-    parent = os.getppid()
+    # The pid the daemon gave us, not getppid(): if the daemon died while this process started up, getppid() is
+    # already the reaper's, and the parent-death signal below would never come.
+    parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    if os.getppid() != parent:  # gone already, before the signal was armed
+        os._exit(EXIT_ORPHANED)
 
     def watch() -> None:
         while os.getppid() == parent:
