@@ -279,9 +279,8 @@ def test_a_request_waiting_for_a_slot_blocks_nobody_else(daemon, client, trained
     def hold(i: int, model: str) -> None:
         try:
             messages = [{"role": "user", "content": PROMPTS[0]}]
-            chunks = client.chat.completions.create(
-                model=model, messages=messages, max_tokens=400, temperature=0, stream=True
-            )
+            long = {"max_tokens": 400, "extra_body": {"ignore_eos": True}}  # an answer's end must not free it early
+            chunks = client.chat.completions.create(model=model, messages=messages, temperature=0, stream=True, **long)
             for _ in chunks:
                 started[i].set()
             long_done.append(time.monotonic())
