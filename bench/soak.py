@@ -52,6 +52,20 @@ def _bench_adapters():
     return module
 
 
+def mlx_mib(url: str) -> dict[str, float]:
+    """MLX's active and cached bytes in the daemon, from its /metrics."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for name in ("solverx_mlx_active_bytes", "solverx_mlx_cache_bytes", "solverx_prompt_cache_bytes"):
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                out[name.removeprefix("solverx_").removesuffix("_bytes") + "_mib"] = round(
+                    float(line.split()[-1]) / 2**20, 1
+                )
+    return out
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -172,13 +186,13 @@ def main() -> None:
             first.raise_for_status()
             warm = {"model": "soak", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
             httpx.post(url + "/v1/chat/completions", json=warm, timeout=120).raise_for_status()
-            rss_start = rss_mib(daemon.process.pid)
+            rss_start, memory_start = rss_mib(daemon.process.pid), mlx_mib(url)
             started = time.monotonic()
             tally = asyncio.run(soak(url, adapters, args.minutes, base_id))
             elapsed = time.monotonic() - started
             time.sleep(1.0)  # hung-up streams are noticed at their next token
             health = httpx.get(url + "/health", timeout=10).json()
-            rss_end = rss_mib(daemon.process.pid)
+            rss_end, memory_end = rss_mib(daemon.process.pid), mlx_mib(url)
 
     report = {
         "minutes": round(elapsed / 60, 2),
@@ -192,6 +206,8 @@ def main() -> None:
         "leaked_slots": health["running"] + health["waiting"],
         "rss_mib_start": round(rss_start, 1),
         "rss_mib_end": round(rss_end, 1),
+        "mlx_memory_start": memory_start,
+        "mlx_memory_end": memory_end,
     }
     print(json.dumps(report, indent=2))
     for failure in tally.failures[:20]:

@@ -13,7 +13,8 @@ Counted as requests happen:
 Read at scrape time (:class:`LiveCollector`): ``solverx_sequences_running``/``_waiting{base}`` (queue depth),
 ``solverx_engine_up``, ``solverx_engine_decode_steps_total``, ``solverx_resident_adapters{base}`` and
 ``solverx_resident_adapter_bytes{base}``, ``solverx_prompt_cache_hit_tokens_total{base}`` and
-``solverx_prompt_cache_bytes{base}``; ``solverx_training_runs{state}`` over the recent runs,
+``solverx_prompt_cache_bytes{base}``, ``solverx_mlx_active_bytes`` and ``solverx_mlx_cache_bytes`` (MLX's
+allocator); ``solverx_training_runs{state}`` over the recent runs,
 ``solverx_training_queued``, and the running run's ``solverx_training_step``/``_steps_planned``/``_loss``/
 ``_tokens_per_second``/``_eta_seconds{run_id,adapter,stage}``. Plus the process collector (CPU, memory).
 
@@ -190,6 +191,17 @@ def _engine_metrics(engines: list[Engine]) -> Iterator[Metric]:
         cached.add_metric(base, stats.cached_prompt_tokens)
         cache_bytes.add_metric(base, stats.prompt_cache_bytes)
     yield from (up, running, waiting, steps, resident, resident_bytes, cached, cache_bytes)
+    yield from _mlx_memory()
+
+
+def _mlx_memory() -> Iterator[Metric]:
+    """MLX's own accounting: arrays alive, and freed buffers it keeps for reuse (part of the process's RSS)."""
+    import mlx.core as mx
+
+    yield GaugeMetricFamily("solverx_mlx_active_bytes", "Bytes of MLX arrays alive.", value=mx.get_active_memory())
+    yield GaugeMetricFamily(
+        "solverx_mlx_cache_bytes", "Bytes of freed buffers MLX keeps for reuse.", value=mx.get_cache_memory()
+    )
 
 
 def _training_metrics(manager: TrainingService) -> Iterator[Metric]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models.cache import (
     BatchKVCache,
+    KVCache,
     LRUPromptCache,
     can_trim_prompt_cache,
     make_prompt_cache,
@@ -442,7 +443,7 @@ class Engine:
         cache, seq.cache = seq.cache, None
         self.stats.prompt_tokens += len(seq.prompt)
         if self.config.prompt_cache_bytes > 0:  # joining the batch copies it: the entry stays as it is now
-            self._prompt_cache.insert_cache(_cache_key(seq.adapter), list(seq.prompt), cache)
+            self._prompt_cache.insert_cache(_cache_key(seq.adapter), list(seq.prompt), _trimmed(cache))
             self.stats.prompt_cache_bytes = self._prompt_cache.nbytes
         logits = process_logits(logits[:, -1, :], [(seq.processors, seq.history)])
         tokens, keys = sample_rows(logits, [(seq.params, seq.key)])
@@ -548,6 +549,17 @@ def _cache_key(adapter: AdapterRef | None) -> str:
     """Whose prompt cache a sequence uses: the base's, or one adapter version's (its weights change every key
     and value, so a version never reuses another's)."""
     return "" if adapter is None else f"{adapter.key}\0{adapter.path}"
+
+
+def _trimmed(cache: list) -> list:
+    """``cache`` holding only its tokens: a KV cache grows in steps of 256 positions, so a 30-token prompt's entry
+    would otherwise keep 256 positions of every layer alive (8× its size). Other kinds of cache are kept whole."""
+    for layer in cache:
+        if isinstance(layer, KVCache) and layer.keys is not None and layer.keys.shape[2] > layer.offset:
+            layer.keys = mx.contiguous(layer.keys[..., : layer.offset, :])
+            layer.values = mx.contiguous(layer.values[..., : layer.offset, :])
+            mx.eval(layer.keys, layer.values)
+    return cache
 
 
 def _vocab_size(config: dict, tokenizer) -> int:
