@@ -119,11 +119,15 @@ def test_kill_9_at_ten_seeded_points_of_training_and_registration(tiny_model_dir
                 time.sleep(delay)
             kill(daemon)
             assert no_orphans(home) == [], f"{where}: a training child outlived its daemon"
+            left_behind = {run.name for run in (home / "runs").iterdir()}  # the killed daemon's runs
 
             if point == 1:  # what a registration killed mid-copy leaves, whether or not a point made one
                 leftover = home / "adapters" / ".tmp" / "half-written"
                 leftover.mkdir(parents=True, exist_ok=True)
                 (leftover / "adapters.safetensors").write_bytes(b"\0" * 64)
+                half_cached = home / "eval-cache" / "solverx-tiny" / ".answers.json.4242.partial"
+                half_cached.parent.mkdir(parents=True, exist_ok=True)
+                half_cached.write_text('{"What is')  # a cache write killed before its rename
             stack.close()  # the killed daemon's context; the restarted one is the next point's daemon
             daemon = stack.enter_context(serve_daemon(home, tiny_model_dir, ARGS))
             runs = Runs(daemon.base_url, daemon.home, daemon.log)
@@ -133,8 +137,9 @@ def test_kill_9_at_ten_seeded_points_of_training_and_registration(tiny_model_dir
             assert after["zorvik"] >= before["zorvik"], f"{where}: {before} -> {after}"
             assert serves(daemon, "zorvik") == "zorvik"
             assert serves(daemon, f"zorvik@{before['zorvik']}") == f"zorvik@{before['zorvik']}"
-            unfinished = [r for r in runs.list() if r["state"] in ("queued", "running")]
-            assert unfinished == [], f"{where}: runs still marked unfinished after the restart: {unfinished}"
+            # (the restarted daemon may queue a run of its own at once: the inbox changed since the last attempt)
+            unfinished = [r for r in runs.list() if r["run_id"] in left_behind and r["state"] in ("queued", "running")]
+            assert unfinished == [], f"{where}: the killed daemon's runs still read as unfinished: {unfinished}"
             interrupted = [r for r in runs.list() if r["run_id"] in known and r["state"] == "failed"]
             assert all(r["error"] for r in interrupted), interrupted
 
