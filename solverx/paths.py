@@ -60,8 +60,29 @@ class StateDirs:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def replay_cache(self) -> Path:
+        """Each base's own answers for self replay (trainer/self_replay.py)."""
+        return self.root / "replay"
+
+    @property
+    def eval_cache(self) -> Path:
+        """Each base's answers to the evaluation probes (trainer/evaluate.py)."""
+        return self.root / "eval-cache"
+
     def model(self, base_id: str) -> Path:
         return self.models / base_id
+
+    def sweep_partial_writes(self) -> list[Path]:
+        """Delete what a process killed mid-write left in the caches (``.<name>.<pid>.partial``, renamed into place
+        only when whole); returns what it deleted."""
+        swept = []
+        for cache in (self.replay_cache, self.eval_cache):
+            for path in cache.rglob(".*.partial") if cache.is_dir() else ():
+                if path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    swept.append(path)
+        return swept
 
     def create(self) -> StateDirs:
         for path in (self.models, self.adapters, self.inbox, self.runs, self.quarantine, self.logs):

@@ -139,7 +139,7 @@ def run_training(
     if previous is None:
         raise RunRefused("nothing to train: no stage had both data and iterations")
 
-    answers_cache = dirs.root / "eval-cache"
+    answers_cache = dirs.eval_cache
     report = evaluate_candidate(
         base_dir, recipe.base, previous, registry, adapter, result, recipe, options, answers_cache
     )
@@ -190,7 +190,7 @@ def _self_replay(dirs: StateDirs, base_dir: Path, recipe: Recipe, options: RunOp
     """The base's own answers to general questions: generated on a base's first run (minutes), then cached."""
     from solverx.trainer.self_replay import cache_path, self_replay_records
 
-    base_id, count, cache = recipe.base, recipe.train.self_replay_prompts, dirs.root / "replay"
+    base_id, count, cache = recipe.base, recipe.train.self_replay_prompts, dirs.replay_cache
     cached = cache_path(cache, base_id, base_dir, count).exists()
     if not cached:
         log.write("note", stage="replay", message=f"generating self replay: {base_id}'s own answers (once per base)")

@@ -106,6 +106,8 @@ def _state(dirs: StateDirs, bases: tuple[str, ...], engine_config: EngineConfig)
         engines[base_id] = Engine(model_dir, base_id, engine_config)
     registry = Registry(dirs.adapters, max_adapter_bytes=engine_config.max_adapter_bytes)
     registry.recover()  # a daemon or trainer killed mid-registration left a half-written version in .tmp/
+    for path in dirs.sweep_partial_writes():  # ... or, killed mid-write, a cache file that never got renamed
+        log.info("removed %s, left by an interrupted write", path)
     return ServerState(ModelCatalog(engines, RegistryAdapterSource(registry)), registry=registry)
 
 
