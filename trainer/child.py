@@ -18,13 +18,19 @@ import time
 import traceback
 from pathlib import Path
 
-from solverx.blas import ensure_openblas
+from solverx.blas import ensure_openblas, preload_env
 from solverx.models.builtin import SMOLLM_BASE_ID
 
 EXIT_REFUSED = 3
 EXIT_ORPHANED = 4
 PARENT_POLL_S = 0.5
-PARENT_PID_ENV = "SOLVERX_TRAINER_PARENT"  # set by the daemon (trainer/schedule.py) to its own pid
+PARENT_PID_ENV = "SOLVERX_TRAINER_PARENT"  # the starting process's pid (child_env)
+
+
+def child_env() -> dict[str, str]:
+    """The environment to start a training child in: OpenBLAS preloaded, and this process's pid as its parent's
+    (read by :func:`die_with_parent`)."""
+    return {**preload_env(), PARENT_PID_ENV: str(os.getpid())}
 
 
 def die_with_parent() -> None:

@@ -7,7 +7,6 @@ record.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,9 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from solverx.blas import preload_env
 from solverx.paths import StateDirs
-from solverx.trainer.child import PARENT_PID_ENV
+from solverx.trainer.child import child_env
 from solverx.trainer.run import new_run_id
 from solverx.trainer.runlog import read_events
 
@@ -61,6 +59,5 @@ def start_child(dirs: StateDirs, adapter: str, *, replay: bool = True, default_b
     command += ["--run-id", run_id, *([] if replay else ["--no-replay"])]
     command += ["--default-base", default_base] if default_base else []
     with (run_dir / "child.log").open("ab") as output:
-        env = {**preload_env(), PARENT_PID_ENV: str(os.getpid())}
-        process = subprocess.Popen(command, cwd=dirs.root, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=dirs.root, env=child_env(), stdout=output, stderr=subprocess.STDOUT)
     return ChildRun(run_id, run_dir, process)

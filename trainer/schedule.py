@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections import deque
@@ -26,9 +25,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from solverx.adapters.names import validate_name
 from solverx.adapters.registry import Registry
-from solverx.blas import preload_env
 from solverx.paths import StateDirs
-from solverx.trainer.child import PARENT_PID_ENV
+from solverx.trainer.child import child_env
 from solverx.trainer.inbox import InboxWatcher, is_valid_adapter_name, list_adapters, snapshot
 from solverx.trainer.listing import find_chart, inbox_listing
 from solverx.trainer.recipe import RECIPE_FILE, Recipe, RecipeError, load_recipe, recipe_defaults
@@ -231,8 +229,7 @@ class TrainingManager:
                 with output_path.open("ab") as output:
                     process = await asyncio.create_subprocess_exec(
                         sys.executable, "-m", "solverx.trainer.child", *args,
-                        cwd=self.dirs.root, env={**preload_env(), PARENT_PID_ENV: str(os.getpid())},
-                        stdout=output, stderr=asyncio.subprocess.STDOUT,
+                        cwd=self.dirs.root, env=child_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
                     )  # fmt: skip
             finally:
                 self._starting = None
