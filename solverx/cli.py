@@ -147,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["plan"].set_defaults(handler=_cmd_plan)
 
     train = commands.add_parser("train", help="train an adapter from its inbox folder")
-    train.add_argument("adapter")
+    train.add_argument("adapter", nargs="?")
     train.add_argument("--now", action="store_true", help="run here in the foreground with a progress bar")
+    train.add_argument(
+        "--check-hosts", action="store_true", help="check that every host of train_hosts can take part in a run"
+    )
     train.add_argument("--no-replay", action="store_true", help="train without general replay data (ablation)")
     add_arguments(train)
     train.set_defaults(handler=_cmd_train)

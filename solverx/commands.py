@@ -136,6 +136,11 @@ def default_base_id(settings: Settings) -> str:
 
 def train_command(args: argparse.Namespace, settings: Settings) -> int:
     """Queue a run on the daemon, or with ``--now`` run it here, in the foreground, with a progress bar."""
+    if args.check_hosts:
+        return check_hosts_command(settings)
+    if not args.adapter:
+        print("solverx: name the adapter to train (its inbox folder), or pass --check-hosts", file=sys.stderr)
+        return 2
     if not args.now:
         queued = _daemon(settings, "POST", "/v1/training", json={"adapter": args.adapter})
         if queued is None:
@@ -146,6 +151,34 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"queued run {queued['run_id']}; follow it with: solverx status")
         return 0
     return _train_foreground(args.adapter, settings, no_replay=args.no_replay)
+
+
+CHECK_HOSTS_TIMEOUT_S = 180  # the launcher's ssh has no timeout of its own
+
+
+def check_hosts_command(settings: Settings) -> int:
+    """Start the rank check on ``train_hosts`` the way a run starts (same launcher, backend, python, base path)."""
+    import subprocess
+
+    from solverx.paths import state_dirs
+
+    hosts = settings.training_hosts()
+    if hosts.world_size <= 1:
+        print("train_hosts is not set: runs train in one process on this machine")
+        return 0
+    base_dir = state_dirs(settings.home).model(default_base_id(settings))
+    command = hosts.command(["--base-dir", str(base_dir)], module="solverx.trainer.check_hosts")
+    print(f"checking {hosts.world_size} ranks ({hosts.backend}): {', '.join(hosts.addresses())}", flush=True)
+    try:
+        done = subprocess.run(command, env=hosts.env(), timeout=CHECK_HOSTS_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        print(f"solverx: not every rank answered within {CHECK_HOSTS_TIMEOUT_S} s: is every host reachable "
+              "by `ssh HOST` without a password, and its port open?")  # fmt: skip
+        return 1
+    if done.returncode not in (0, 1):
+        print("solverx: a rank could not start; exit 255 is ssh's (host unreachable or asking for a password), "
+              "127 a missing python at the same path")  # fmt: skip
+    return 0 if done.returncode == 0 else 1
 
 
 def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False) -> int:
@@ -159,7 +192,9 @@ def _train_foreground(adapter: str, settings: Settings, no_replay: bool = False)
     if not (dirs.inbox / adapter).is_dir():
         print(f"solverx: no inbox folder {dirs.inbox / adapter}: put knowledge files there first", file=sys.stderr)
         return 2
-    run = start_child(dirs, adapter, replay=not no_replay, default_base=default_base_id(settings))
+    run = start_child(
+        dirs, adapter, replay=not no_replay, default_base=default_base_id(settings), hosts=settings.training_hosts()
+    )
     run_id, run_dir = run.run_id, run.run_dir
     bar, finished = None, None
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import platformdirs
 
 from solverx.models.builtin import SMOLLM_BASE_ID
+from solverx.trainer.child import BACKENDS, TrainHosts
 
 APP_NAME = "solverx"
 ENV_PREFIX = "SOLVERX_"
@@ -53,7 +54,13 @@ class Settings:
     max_body_bytes: int
     prefill_chunk_while_decoding: int
     prompt_cache_bytes: int
+    train_hosts: tuple[str, ...] | None
+    train_backend: str
     config: Path
+
+    def training_hosts(self) -> TrainHosts:
+        """Where runs train: ``train_hosts``' ranks with ``train_backend``, or one process here."""
+        return TrainHosts(self.train_hosts or (), self.train_backend)
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,16 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     SettingField(
         "prompt_cache_bytes", "size", 256 * MiB, "KV cache of recent prompts, for their next turns (0: off)", minimum=0
     ),
+    SettingField(
+        "train_hosts",
+        "list or none",
+        None,
+        "train over several ranks through mlx.launch: their addresses (repeats allowed, 127.0.0.1 for this machine) "
+        "or an mlx.launch hostfile (.json); unset: one process here",
+    ),
+    SettingField(
+        "train_backend", "choice", "ring", "mx.distributed backend of a run over train_hosts", choices=BACKENDS
+    ),
     SettingField("config", "path", default_config_path, "config file to read", in_file=False),
 )
 FIELDS_BY_NAME = {f.name: f for f in SETTINGS_FIELDS}
@@ -171,7 +188,12 @@ def load_settings(
     for field in SETTINGS_FIELDS:
         if field.name != "config":
             values[field.name], sources[field.name] = _resolve(field, flags, env, file_values, values["config"])
-    return Settings(**values), sources
+    settings = Settings(**values)
+    try:
+        settings.training_hosts()
+    except ValueError as error:
+        raise ConfigError(f"{error} (train_hosts from {sources['train_hosts']})") from None
+    return settings, sources
 
 
 def format_settings(settings: Settings, sources: Mapping[str, str]) -> str:

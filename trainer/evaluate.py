@@ -84,6 +84,8 @@ class EvalReport:
     domain_terms: list[str]
     passed: bool = False
     reasons: list[str] = field(default_factory=list)
+    world_size: int = 1  # how many ranks trained the candidate
+    hosts: list[str] = field(default_factory=list)  # their addresses, when more than one
 
     def to_dict(self) -> dict:
         return asdict(self)

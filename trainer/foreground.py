@@ -8,16 +8,15 @@ record.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from solverx.paths import StateDirs
-from solverx.trainer.child import child_env
+from solverx.trainer.child import TrainHosts
 from solverx.trainer.run import new_run_id
-from solverx.trainer.runlog import read_events
+from solverx.trainer.runlog import CHILD_OUTPUT, read_events, record_silent_exit
 
 
 @dataclass
@@ -38,6 +37,9 @@ class ChildRun:
                     seen += 1
                     yield event
                 if done:
+                    silent = record_silent_exit(self.run_dir, self.process.returncode, self.run_dir / CHILD_OUTPUT)
+                    if silent is not None:
+                        yield silent
                     return
                 time.sleep(poll_seconds)
         finally:
@@ -50,14 +52,24 @@ class ChildRun:
             self.process.wait()
 
 
-def start_child(dirs: StateDirs, adapter: str, *, replay: bool = True, default_base: str | None = None) -> ChildRun:
-    """Start ``python -m solverx.trainer.child`` for ``adapter``'s inbox; its output goes to ``<run>/child.log``."""
+def start_child(
+    dirs: StateDirs,
+    adapter: str,
+    *,
+    replay: bool = True,
+    default_base: str | None = None,
+    hosts: TrainHosts | None = None,
+) -> ChildRun:
+    """Start ``python -m solverx.trainer.child`` for ``adapter``'s inbox (on ``hosts``' ranks when there are
+    several); its output goes to ``<run>/child.log``."""
     run_id = new_run_id(adapter)
     run_dir = dirs.runs / run_id
     run_dir.mkdir(parents=True)
-    command = [sys.executable, "-m", "solverx.trainer.child", "--home", str(dirs.root), "--adapter", adapter]
-    command += ["--run-id", run_id, *([] if replay else ["--no-replay"])]
-    command += ["--default-base", default_base] if default_base else []
-    with (run_dir / "child.log").open("ab") as output:
-        process = subprocess.Popen(command, cwd=dirs.root, env=child_env(), stdout=output, stderr=subprocess.STDOUT)
+    args = ["--home", str(dirs.root), "--adapter", adapter, "--run-id", run_id, *([] if replay else ["--no-replay"])]
+    args += ["--default-base", default_base] if default_base else []
+    hosts = hosts or TrainHosts()
+    with (run_dir / CHILD_OUTPUT).open("ab") as output:
+        process = subprocess.Popen(
+            hosts.command(args), cwd=dirs.root, env=hosts.env(), stdout=output, stderr=subprocess.STDOUT
+        )
     return ChildRun(run_id, run_dir, process)

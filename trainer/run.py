@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from solverx.engine.core import AdapterRef, Engine, EngineConfig
 from solverx.models.chat_rules import ChatRules
 from solverx.paths import StateDirs, state_dirs
 from solverx.trainer.datasets import mixed_batches, stage_datasets
+from solverx.trainer.distributed import hosts as distributed_hosts
+from solverx.trainer.distributed import send_done, send_stage, world
 from solverx.trainer.evaluate import (
     EvalReport,
     Probe,
@@ -94,7 +96,9 @@ def run_training(
     run_id = run_id or new_run_id(adapter)
     run_dir = dirs.runs / run_id
     log = RunLog(run_dir)
-    log.write("started", adapter=adapter, run_id=run_id)
+    group = world()
+    ranks = {"world_size": group.size(), "hosts": distributed_hosts()} if group.size() > 1 else {"world_size": 1}
+    log.write("started", adapter=adapter, run_id=run_id, **ranks)
 
     snap = snapshot(dirs.inbox / adapter)
     try:
@@ -112,6 +116,11 @@ def run_training(
     if not result.ok:
         raise RunRefused(result.refusal)
     recipe = result.recipe or defaults
+    if recipe.train.batch_size % group.size():
+        raise RunRefused(
+            f"train.batch_size {recipe.train.batch_size} does not split over {group.size()} ranks: "
+            f"make it a multiple of {group.size()}"
+        )
     base_dir = _base_dir(dirs, recipe.base)
     registry = Registry(dirs.adapters)
 
@@ -136,6 +145,8 @@ def run_training(
         previous = stage_result.adapter_dir
         if stage == "cpt":
             cpt_result = stage_result
+    if group.size() > 1:
+        send_done(group)  # the other ranks only train; evaluation and registration happen here
     if previous is None:
         raise RunRefused("nothing to train: no stage had both data and iterations")
 
@@ -143,6 +154,7 @@ def run_training(
     report = evaluate_candidate(
         base_dir, recipe.base, previous, registry, adapter, result, recipe, options, answers_cache
     )
+    report = replace(report, world_size=group.size(), hosts=ranks.get("hosts", []))
     (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     (run_dir / "report.md").write_text(report_markdown(report, CANDIDATE))
     _save_loss_chart(stages, run_dir / "loss.png")
@@ -167,7 +179,7 @@ def run_training(
         )  # fmt: skip
         version = info.version
     state = "succeeded" if report.passed else "rejected"
-    log.write("finished", state=state, version=version, reasons=report.reasons)
+    log.write("finished", state=state, version=version, reasons=report.reasons, **ranks)
     return RunOutcome(run_id, state, version, report, stages, snap.content_hash)
 
 
@@ -239,10 +251,14 @@ def _train(
         seed=recipe.seed,
     )
     valid = data.valid if len(data.valid) >= settings.batch_size else None
+    group = world()
+    if group.size() > 1:  # the other ranks train this stage with us: send them what they need
+        send_stage(group, stage, base_dir, data.train, valid, recipe.lora, settings, resume_from)
     return train_stage(
         model, stage, run_dir / stage, data.train, valid, recipe.lora, settings,
         resume_from=resume_from, batches=mixed_batches, on_progress=progress,
         on_warning=lambda message: log.write("warning", stage=stage, message=message),
+        on_validation=lambda step, loss: log.write("validation", stage=stage, step=step, loss=loss),
     )  # fmt: skip
 
 

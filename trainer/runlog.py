@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 EVENTS_FILE = "events.jsonl"
+CHILD_OUTPUT = "child.log"  # the training child's (and its launcher's) stdout and stderr, beside the events
 
 
 class RunLog:
@@ -80,3 +81,22 @@ def summarize(run_dir: Path) -> RunSummary:
             summary.error = event.get("error")
             summary.finished = event["time"]
     return summary
+
+
+SAYS_PREFIX = "solverx: "  # a line the child or its launcher writes for the user (see trainer/launch.py)
+
+
+def record_silent_exit(run_dir: Path, returncode: int, output: Path) -> dict | None:
+    """A child that exited with an error and no ``finished`` event (killed, crashed, a rank of a distributed run
+    lost): write the event that says so, with the process's last words, and return it. None when there was none
+    to write (a clean exit, a refusal, or a child that said how it finished)."""
+    if returncode in (0, 3) or summarize(run_dir).finished is not None:
+        return None
+    try:
+        tail = output.read_text(errors="replace")[-2000:]
+    except OSError:
+        tail = ""
+    said = [line.removeprefix(SAYS_PREFIX) for line in tail.splitlines() if line.startswith(SAYS_PREFIX)]
+    error = f"training process exited with {returncode}" + (f": {said[-1]}" if said else "")
+    RunLog(run_dir).write("finished", state="failed", error=error, trace=tail)
+    return list(read_events(run_dir))[-1]

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,16 +25,15 @@ from apscheduler.triggers.interval import IntervalTrigger
 from solverx.adapters.names import validate_name
 from solverx.adapters.registry import Registry
 from solverx.paths import StateDirs
-from solverx.trainer.child import child_env
+from solverx.trainer.child import TrainHosts
 from solverx.trainer.inbox import InboxWatcher, is_valid_adapter_name, list_adapters, snapshot
 from solverx.trainer.listing import find_chart, inbox_listing
 from solverx.trainer.recipe import RECIPE_FILE, Recipe, RecipeError, load_recipe, recipe_defaults
 from solverx.trainer.run import last_trained_hash, new_run_id
-from solverx.trainer.runlog import RunLog, RunSummary, read_events, summarize
+from solverx.trainer.runlog import CHILD_OUTPUT, RunLog, RunSummary, read_events, record_silent_exit, summarize
 
 log = logging.getLogger("solverx.trainer")
 
-CHILD_OUTPUT = "child.log"
 QUEUE_JOB = "training-queue"
 SCHEDULE_JOB = "training-schedule"
 
@@ -59,6 +57,7 @@ class TrainingManager:
     schedule: str | None = None  # a 5-field crontab: train every changed inbox at those times
     watch: bool = True
     default_base: str = "solverx-tiny"  # what a recipe without ``base`` trains on (the daemon's first base)
+    hosts: TrainHosts = field(default_factory=TrainHosts)  # where a run's ranks train (default: one, here)
     exclusive: Callable[[str, Recipe], contextlib.AbstractAsyncContextManager] | None = None
     """Per adapter: a context the run executes in; the daemon pauses the adapter's base in it when training
     and serving would not fit in memory together (see solverx.daemon.serve)."""
@@ -228,8 +227,8 @@ class TrainingManager:
             try:
                 with output_path.open("ab") as output:
                     process = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "solverx.trainer.child", *args,
-                        cwd=self.dirs.root, env=child_env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
+                        *self.hosts.command(args),
+                        cwd=self.dirs.root, env=self.hosts.env(), stdout=output, stderr=asyncio.subprocess.STDOUT,
                     )  # fmt: skip
             finally:
                 self._starting = None
@@ -244,9 +243,6 @@ class TrainingManager:
         if entry.run_id in self._cancelled:
             self._cancelled.discard(entry.run_id)
             RunLog(self.dirs.runs / entry.run_id).write("finished", state="cancelled")
-        elif process.returncode not in (0, 3) and summarize(self.dirs.runs / entry.run_id).finished is None:
-            tail = output_path.read_text(errors="replace")[-2000:]
-            RunLog(self.dirs.runs / entry.run_id).write(
-                "finished", state="failed", error=f"training process exited with {process.returncode}", trace=tail
-            )
+        else:
+            record_silent_exit(self.dirs.runs / entry.run_id, process.returncode, output_path)
         log.info("run %s: %s", entry.run_id, summarize(self.dirs.runs / entry.run_id).state)

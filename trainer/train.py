@@ -75,9 +75,10 @@ class _Reporter(TrainingCallback):
         on_progress: Callable[[Progress], None] | None,
         on_warning: Callable[[str], None] | None = None,
         vocab_size: int = 0,
+        on_validation: Callable[[int, float], None] | None = None,
     ):
         self.stage, self.total, self.result, self.on_progress = stage, total, result, on_progress
-        self.on_warning, self.vocab_size = on_warning, vocab_size
+        self.on_warning, self.vocab_size, self.on_validation = on_warning, vocab_size, on_validation
         self.started = time.perf_counter()
 
     def on_train_loss_report(self, info: dict) -> None:
@@ -91,6 +92,8 @@ class _Reporter(TrainingCallback):
 
     def on_val_loss_report(self, info: dict) -> None:
         self.result.val_losses.append((int(info["iteration"]), float(info["val_loss"])))
+        if self.on_validation:
+            self.on_validation(*self.result.val_losses[-1])
         # mlx-lm measures the first validation loss before the first step: warn while the user can still act
         first = len(self.result.val_losses) == 1
         if first and self.on_warning and (warning := unfamiliar_replay(self.result, self.vocab_size)):
@@ -121,12 +124,13 @@ def train_stage(
     batches: Callable = iterate_batches,
     on_progress: Callable[[Progress], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_validation: Callable[[int, float], None] | None = None,
 ) -> StageResult:
     """Train one stage on ``model`` (a freshly loaded base) and write its adapter to ``out_dir``.
 
     ``batches`` follows mlx-lm's ``iterate_batches`` contract; pass a mixing iterator for replay data.
     ``on_warning`` hears, before the first step, when the model cannot predict ``valid_set`` (see
-    :func:`unfamiliar_replay`).
+    :func:`unfamiliar_replay`); ``on_validation`` hears each ``(step, loss)`` on ``valid_set`` (rising: forgetting).
     """
     mx.random.seed(settings.seed)
     num_layers = len(model.layers) if lora.num_layers < 0 else lora.num_layers
@@ -155,7 +159,7 @@ def train_stage(
         valid_set if valid_set else None,
         args=args,
         iterate_batches=batches,
-        training_callback=_Reporter(stage, settings.iters, result, on_progress, on_warning, vocab_size),
+        training_callback=_Reporter(stage, settings.iters, result, on_progress, on_warning, vocab_size, on_validation),
     )
     result.seconds = time.perf_counter() - started
     result.tokens_per_second = result.trained_tokens / result.seconds if result.seconds else 0.0

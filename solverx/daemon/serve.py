@@ -81,6 +81,7 @@ def _run_settings(settings: Settings, base_dir: str | Path | None) -> None:
             state.catalog.engines, settings.training_exclusive, settings.max_resident_adapters
         ),
         default_base=default_base,
+        hosts=settings.training_hosts(),
     )
     state.max_body_bytes = settings.max_body_bytes
     state.max_tokens_cap = settings.max_tokens_cap

@@ -1,0 +1,183 @@
+"""Data-parallel training over several processes or Macs, with MLX's own engine (``mx.distributed``).
+
+Rank 0 is the run: it ingests, tokenizes, evaluates and writes every file and event. The other ranks are
+workers that hold nothing of the run: for each stage rank 0 sends them, over the distributed group itself, the
+stage's settings, the base model's fingerprint, the tokenized datasets and the weights to resume from. Then every
+rank trains in lockstep through mlx-lm's ``train``, which averages the gradients (``mx.distributed``), while
+:func:`solverx.trainer.datasets.mixed_batches` gives each rank its rows of the same global batch. Workers leave
+when rank 0 says the stages are done; rank 0 evaluates and registers alone.
+
+A broadcast is an ``all_sum`` to which only rank 0 contributes: MLX's collectives are the only transport.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from solverx.adapters.fingerprint import base_fingerprint
+from solverx.adapters.validate import ADAPTER_WEIGHTS
+from solverx.trainer.datasets import MixedDataset, Sample, SequenceDataset, mixed_batches
+from solverx.trainer.recipe import LoraSettings
+from solverx.trainer.train import StageSettings, train_stage
+
+SLOT_BYTES = 1024  # each rank's slot in gather_text: a line saying what is wrong, or a host's facts as JSON
+
+
+class RankDisagrees(RuntimeError):
+    """A worker cannot take part in the stage (another base model, a missing path); the message names it."""
+
+
+def world() -> Any:
+    """The distributed group this process belongs to (size 1 when it was not started by a launcher)."""
+    return mx.distributed.init()
+
+
+def hosts() -> list[str]:
+    """The ranks' addresses, from the ring backend's hostfile (``MLX_HOSTFILE``), else this host only."""
+    path = os.environ.get("MLX_HOSTFILE")
+    try:
+        entries = json.loads(Path(path).read_text()) if path else []
+    except (OSError, ValueError):
+        entries = []
+    return [",".join(e) if isinstance(e, list) else str(e) for e in entries] or ["127.0.0.1"]
+
+
+# -- broadcasts ----------------------------------------------------------------------------------------------------
+
+
+def _all_sum(array: np.ndarray) -> np.ndarray:
+    summed = mx.distributed.all_sum(mx.array(array), stream=mx.cpu)
+    mx.eval(summed)
+    return np.array(summed)
+
+
+def broadcast_bytes(group: Any, data: bytes | None) -> bytes:
+    """``data`` from rank 0 on every rank (the others pass None)."""
+    root = group.rank() == 0
+    size = int(_all_sum(np.array([len(data) if root and data else 0], np.int32))[0])
+    if size == 0:
+        return b""
+    payload = np.frombuffer(data, np.uint8).astype(np.int32) if root else np.zeros(size, np.int32)
+    return _all_sum(payload).astype(np.uint8).tobytes()
+
+
+def broadcast_json(group: Any, value: Any = None) -> Any:
+    raw = broadcast_bytes(group, json.dumps(value).encode() if group.rank() == 0 else None)
+    return json.loads(raw)
+
+
+def broadcast_samples(group: Any, dataset: SequenceDataset | None) -> SequenceDataset:
+    """A dataset's token sequences and prompt offsets (what training reads), from rank 0."""
+    header = None
+    if group.rank() == 0:
+        samples = dataset.samples if dataset is not None else []
+        header = {"lengths": [len(s.tokens) for s in samples], "offsets": [s.offset for s in samples]}
+        header["kinds"] = [s.kind for s in samples]
+    header = broadcast_json(group, header)
+    total = sum(header["lengths"])
+    tokens = np.zeros(total, np.int32)
+    if group.rank() == 0 and total:
+        tokens = np.concatenate([np.asarray(s.tokens, np.int32) for s in dataset.samples])
+    if total:
+        tokens = _all_sum(tokens)
+    samples, start = [], 0
+    for length, offset, kind in zip(header["lengths"], header["offsets"], header["kinds"], strict=True):
+        samples.append(Sample(tokens[start : start + length].tolist(), offset, "rank 0", kind))
+        start += length
+    return SequenceDataset(samples)
+
+
+def gather_text(group: Any, text: str) -> list[str]:
+    """Every rank's ``text`` (at most :data:`SLOT_BYTES` of UTF-8), known to all ranks, in rank order."""
+    slots = np.zeros((group.size(), SLOT_BYTES), np.int32)
+    mine = text.encode()[:SLOT_BYTES]
+    slots[group.rank(), : len(mine)] = np.frombuffer(mine, np.uint8)
+    summed = _all_sum(slots).astype(np.uint8)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in summed]
+
+
+def check_agreement(group: Any, problem: str | None = None) -> None:
+    """Raise :class:`RankDisagrees` on every rank when any rank has a problem."""
+    problems = [f"rank {rank}: {p}" for rank, p in enumerate(gather_text(group, problem or "")) if p]
+    if problems:
+        raise RankDisagrees("; ".join(problems))
+
+
+# -- rank 0 --------------------------------------------------------------------------------------------------------
+
+
+def send_stage(
+    group: Any,
+    stage: str,
+    base_dir: Path,
+    train: MixedDataset,
+    valid: SequenceDataset | None,
+    lora: LoraSettings,
+    settings: StageSettings,
+    resume_from: Path | None,
+) -> None:
+    """Tell the workers to train ``stage`` with rank 0: call right before rank 0's own ``train_stage``."""
+    header = {
+        "op": "stage", "stage": stage, "base_dir": str(base_dir), "base_fingerprint": base_fingerprint(base_dir),
+        "lora": asdict(lora), "settings": asdict(settings), "ratio": train.ratio, "seed": train.seed,
+        "resume": resume_from is not None, "valid": valid is not None,
+    }  # fmt: skip
+    broadcast_json(group, header)
+    check_agreement(group)
+    broadcast_samples(group, train.domain)
+    broadcast_samples(group, train.replay)
+    if valid is not None:
+        broadcast_samples(group, valid)
+    if resume_from is not None:
+        broadcast_bytes(group, (Path(resume_from) / ADAPTER_WEIGHTS).read_bytes())
+
+
+def send_done(group: Any) -> None:
+    """Release the workers: the stages are over."""
+    broadcast_json(group, {"op": "done"})
+
+
+# -- the other ranks -----------------------------------------------------------------------------------------------
+
+
+def serve_stages(group: Any) -> int:
+    """A worker's life: train every stage rank 0 sends, until it says done. Returns the number of stages."""
+    from mlx_lm import load
+
+    stages = 0
+    while True:
+        header = broadcast_json(group)
+        if header["op"] == "done":
+            return stages
+        base_dir = Path(header["base_dir"])
+        problem = None
+        if not (base_dir / "config.json").exists():
+            problem = f"no base model at {base_dir} on this host"
+        elif (theirs := base_fingerprint(base_dir)) != header["base_fingerprint"]:
+            ours = header["base_fingerprint"]
+            problem = f"the base model at {base_dir} differs (fingerprint {theirs[:19]}, rank 0 has {ours[:19]})"
+        check_agreement(group, problem)
+        domain, replay = broadcast_samples(group, None), broadcast_samples(group, None)
+        valid = broadcast_samples(group, None) if header["valid"] else None
+        train = MixedDataset(domain, replay if len(replay) else None, header["ratio"], header["seed"])
+        with tempfile.TemporaryDirectory(prefix="solverx-rank-") as scratch:
+            resume = None
+            if header["resume"]:
+                resume = Path(scratch) / "resume"
+                resume.mkdir()
+                (resume / ADAPTER_WEIGHTS).write_bytes(broadcast_bytes(group, None))
+            model, _ = load(str(base_dir))
+            train_stage(
+                model, header["stage"], Path(scratch) / "out", train, valid,
+                LoraSettings(**header["lora"]), StageSettings(**header["settings"]),
+                resume_from=resume, batches=mixed_batches,
+            )  # fmt: skip
+        stages += 1
