@@ -1,7 +1,7 @@
 """The OpenAI request and response bodies this server speaks, checked by hand into typed dataclasses.
 
 Requests: every field we act on is validated with an error that names it (``param``) the way OpenAI does. A field
-that would change the answer and that we cannot honour (tools, structured outputs, ``n`` > 1, ``logprobs``…:
+that would change the answer and that we cannot honour (tools, ``n`` > 1, ``logprobs``…:
 :data:`UNHONOURED`) is refused with a 400 naming it unless it holds its neutral value;
 fields that do not change the answer (``user``, ``metadata``, ``store``…) are accepted and ignored, as OpenAI's
 documentation allows. ``null`` means "not given" throughout.
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from solverx.engine.grammar import ANY_JSON_OBJECT, InvalidGrammar, json_schema_grammar
 from solverx.engine.sampling import SamplingParams
 from solverx.server.errors import InvalidRequest
 
@@ -70,6 +71,7 @@ class GenerationOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None  # response_format json_object / json_schema, compiled (solverx.engine.grammar)
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """Engine settings; ``default_max_tokens`` applies when the request set no limit."""
@@ -83,6 +85,7 @@ class GenerationOptions:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=self.logit_bias,
+            grammar=self.grammar,
         )
 
 
@@ -115,7 +118,6 @@ UNHONOURED: dict[str, tuple[Any, ...] | None] = {
     "parallel_tool_calls": (True, False),  # meaningless without tools, which are refused
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -125,6 +127,7 @@ UNHONOURED: dict[str, tuple[Any, ...] | None] = {
 
 CHAT_UNHONOURED = tuple(name for name in UNHONOURED if name not in ("echo", "suffix"))
 COMPLETION_UNHONOURED = ("logprobs", "echo", "suffix")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_LOGIT_BIAS_ENTRIES = 1024
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's bounds for presence_penalty and frequency_penalty
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
@@ -309,7 +312,34 @@ def _options(fields: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Gener
         presence_penalty=_number(fields, "presence_penalty", *PENALTY_RANGE) or 0.0,
         frequency_penalty=_number(fields, "frequency_penalty", *PENALTY_RANGE) or 0.0,
         logit_bias=_logit_bias(fields.get("logit_bias")),
+        grammar=response_format_grammar(fields.get("response_format")),
     )
+
+
+def response_format_grammar(value: Any, param: str = "response_format") -> str | None:
+    """OpenAI's ``response_format`` as the grammar the answer must match: None for ``text``, any JSON object for
+    ``json_object``, the schema's documents for ``json_schema`` (``strict`` forbids keywords the compiler lacks)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"Invalid '{param}': expected an object whose 'type' is one of {', '.join(RESPONSE_FORMATS)}.",
+            param=param,
+            code="invalid_value",
+        )
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        schema, strict = ANY_JSON_OBJECT, False
+    else:
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise _wrong_type(f"{param}.json_schema", "an object with a 'schema' object", spec)
+        schema, strict = spec.get("schema", {}), spec.get("strict") is True
+    try:
+        return json_schema_grammar(schema, strict=strict)
+    except InvalidGrammar as exc:
+        raise InvalidRequest(f"Invalid '{param}': {exc}", param=param, code="invalid_value") from None
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:

@@ -22,6 +22,17 @@ def tiny_model_dir() -> Path:
     return ensure_tiny(TEST_CACHE / "models")
 
 
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The real default base, SmolLM2-135M-Instruct, imported from its wheel once and cached across runs."""
+    from solverx.models.builtin import BaseModelMissing, ensure_smollm
+
+    try:
+        return ensure_smollm(TEST_CACHE / "models")
+    except BaseModelMissing as exc:  # ./run installs the wheel; a bare `pytest` elsewhere may not have it
+        pytest.skip(str(exc))
+
+
 # -- the HTTP server (tests/serving.py) and OpenAI's published schemas --------------------------------------
 
 # OpenAI's spec: $SOLVERX_OPENAPI_SPEC, else the vendored subset (tests/serving.py: vendor_openapi_subset), else

@@ -45,8 +45,6 @@ def test_chat_request_defaults_and_extra_fields_are_ignored():
         ("tool_choice", "auto"),
         ("functions", [{"name": "f"}]),
         ("function_call", "auto"),
-        ("response_format", {"type": "json_object"}),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
         ("modalities", ["text", "audio"]),
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("prediction", {"type": "content", "content": "x"}),
@@ -286,3 +284,12 @@ def test_api_key_guards_every_route_but_the_dashboard_shell(openapi):
         assert client.get("/health").status_code == 401
         assert client.get("/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/").status_code == 200  # the page shell: no data, it asks for the key
+
+
+def test_response_format_becomes_a_grammar_or_a_400_naming_it():
+    text = schemas.parse_chat_request({**CHAT, "response_format": {"type": "text"}})
+    assert text.options.grammar is None
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+        assert schemas.parse_chat_request({**CHAT, "response_format": fmt}).options.sampling(8).grammar
+    error = refused(schemas.parse_chat_request, {**CHAT, "response_format": {"type": "json_schema"}})
+    assert (error.status, error.param) == (400, "response_format.json_schema"), error.message

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import TEST_CACHE
 from serving import serve_daemon
 from training_fixtures import Runs, drop_files
 
 from solverx.data import DATA_DIR
-from solverx.models.builtin import SMOLLM_BASE_ID, BaseModelMissing, ensure_smollm
+from solverx.models.builtin import SMOLLM_BASE_ID
 from solverx.trainer.recipe import format_recipe
 
 INBOX = DATA_DIR / "solverx" / "inbox"
@@ -72,14 +71,6 @@ def fact_files() -> dict[str, bytes]:
         "eval.jsonl": "".join(json.dumps(item) + "\n" for item in held_out).encode(),
         "recipe.toml": format_recipe(RECIPE).encode(),  # no `base`: the daemon's default base is the real one
     }
-
-
-@pytest.fixture(scope="module")
-def smollm_dir() -> Path:
-    try:
-        return ensure_smollm(TEST_CACHE / "models")
-    except BaseModelMissing as exc:  # ./run installs the wheel; a bare `pytest` elsewhere may not have it
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -59,17 +59,18 @@ def start_child(
     replay: bool = True,
     default_base: str | None = None,
     hosts: TrainHosts | None = None,
+    blas_threads: int | None = None,
 ) -> ChildRun:
     """Start ``python -m solverx.trainer.child`` for ``adapter``'s inbox (on ``hosts``' ranks when there are
-    several); its output goes to ``<run>/child.log``."""
+    several); its output goes to ``<run>/child.log``. ``blas_threads`` caps OpenBLAS's threads (runs sharing
+    the machine)."""
     run_id = new_run_id(adapter)
     run_dir = dirs.runs / run_id
     run_dir.mkdir(parents=True)
     args = ["--home", str(dirs.root), "--adapter", adapter, "--run-id", run_id, *([] if replay else ["--no-replay"])]
     args += ["--default-base", default_base] if default_base else []
     hosts = hosts or TrainHosts()
+    env = hosts.env() | ({"OPENBLAS_NUM_THREADS": str(blas_threads)} if blas_threads else {})
     with (run_dir / CHILD_OUTPUT).open("ab") as output:
-        process = subprocess.Popen(
-            hosts.command(args), cwd=dirs.root, env=hosts.env(), stdout=output, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(hosts.command(args), cwd=dirs.root, env=env, stdout=output, stderr=subprocess.STDOUT)
     return ChildRun(run_id, run_dir, process)

@@ -32,6 +32,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
+from solverx.engine.grammar import GrammarMask, GrammarTokenizer, InvalidGrammar
 from solverx.engine.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
 from solverx.engine.sampling import SamplingParams, process_logits, sample_rows
 from solverx.engine.textstream import TextStream
@@ -67,6 +68,12 @@ class InvalidLogitBias(EngineError):
     code = "invalid_value"
     status = 400
     param = "logit_bias"
+
+
+class InvalidResponseFormat(EngineError):
+    code = "invalid_value"
+    status = 400
+    param = "response_format"
 
 
 class AdapterUnusable(EngineError):
@@ -160,6 +167,7 @@ class _Sequence:
     chunk: int = 0  # tokens of its next chunk while others decode (0: not sized yet)
     processors: list = field(default_factory=list)  # logit bias and penalties (SamplingParams.logits_processors)
     history: list[int] = field(default_factory=list)  # generated tokens, kept only for the processors
+    grammar_mask: GrammarMask | None = None  # structured output: the tokens its grammar allows next
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -189,6 +197,8 @@ class Engine:
         self._load_error: BaseException | None = None
         self._stopped = False
         self._paused: tuple[str, int] | None = None  # (why, retry-after seconds) while unloaded for training
+        self._grammar_tokenizer: GrammarTokenizer | None = None  # llguidance's vocabulary, for structured outputs
+        self._grammar_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -267,6 +277,8 @@ class Engine:
                 f"(ids 0 to {self.vocab_size - 1})"
             )
         seq = _Sequence(list(prompt_tokens), params, adapter, asyncio.get_running_loop(), asyncio.Queue())
+        if params.grammar is not None:
+            seq.grammar_mask = await asyncio.to_thread(self._grammar_mask, params.grammar)
         self._inbox.put(seq)
         try:
             while True:
@@ -280,6 +292,17 @@ class Engine:
             if not seq.done:
                 seq.cancelled = True
                 self._inbox.put(_WAKE)
+
+    def _grammar_mask(self, grammar: str) -> GrammarMask:
+        """A fresh mask for one sequence; the vocabulary's grammar view is built on the first (about a second)."""
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                hf = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+                self._grammar_tokenizer = GrammarTokenizer(hf, set(self._eos), self.vocab_size)
+        try:
+            return self._grammar_tokenizer.mask(grammar)
+        except InvalidGrammar as exc:
+            raise InvalidResponseFormat(f"Invalid 'response_format': {exc}") from None
 
     # -- the worker thread -----------------------------------------------------------------------------------
 
@@ -403,7 +426,7 @@ class Engine:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             seq.key = mx.random.key(seed)
         seq.stream = TextStream(self.tokenizer.detokenizer, params.stop)
-        seq.processors = params.logits_processors()
+        seq.processors = params.logits_processors() + ([seq.grammar_mask] if seq.grammar_mask is not None else [])
         seq.cache, rest = None, seq.prompt
         if self.config.prompt_cache_bytes > 0:
             seq.cache, rest = self._prompt_cache.fetch_nearest_cache(_cache_key(seq.adapter), seq.prompt)

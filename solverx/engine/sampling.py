@@ -30,6 +30,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    grammar: str | None = None  # structured output: an llguidance grammar (solverx.engine.grammar) the text must match
 
     @property
     def greedy(self) -> bool:
