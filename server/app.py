@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from solverx.adapters.errors import AdapterError
 from solverx.engine.core import Engine, EngineError
-from solverx.server import dashboard, routes_admin, routes_openai, routes_training
+from solverx.server import dashboard, routes_admin, routes_ollama, routes_openai, routes_training
 from solverx.server.dashboard import PUBLIC_PATHS
 from solverx.server.errors import APIError, AuthenticationError, handle_disconnect, handle_error, handle_unexpected
 from solverx.server.logs import RequestContext, install_access_log
@@ -60,6 +60,7 @@ def create_app(state: ServerState) -> Starlette:
         routes=[
             Route("/health", health, methods=["GET"]),
             *routes_openai.routes,
+            *routes_ollama.routes,
             *routes_admin.routes,
             *routes_training.routes,
             *dashboard.routes,

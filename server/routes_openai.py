@@ -74,11 +74,11 @@ async def _complete(
     endpoint: _Endpoint,
 ) -> Response:
     """Run the engine and answer with one body, or with an event stream once the first delta is in."""
-    params = options.sampling(_completion_budget(state, target.engine, options, len(prompt)))
+    params = options.sampling(completion_budget(state, target.engine, options, len(prompt)))
     meta = schemas.ResponseMeta.new(endpoint.id_prefix, target.display_name)
     deltas = track_generation(request, target.display_name, target.engine.generate(prompt, params, target.adapter))
     if options.stream:
-        first = await _first(deltas, param=endpoint.prompt_param)
+        first = await first_delta(deltas, param=endpoint.prompt_param)
         return EventStream(endpoint.events(meta, prepend(first, deltas), options.include_usage))
     text, last = await cancel_on_disconnect(request.receive, lambda: _collect(deltas, param=endpoint.prompt_param))
     counts = schemas.usage(last.prompt_tokens, last.completion_tokens)
@@ -98,7 +98,7 @@ async def retrieve_model(request: Request) -> Response:
     raise ModelNotFound.for_model(model)
 
 
-def _completion_budget(
+def completion_budget(
     state: ServerState, engine: Engine, options: schemas.GenerationOptions, prompt_tokens: int
 ) -> int:
     """The completion budget when the request sets none (up to the cap or the end of the context); a request
@@ -113,7 +113,7 @@ def _completion_budget(
     return max(1, min(state.max_tokens_cap, engine.context_length - prompt_tokens))
 
 
-async def _first(deltas: AsyncIterator[Delta], param: str) -> Delta:
+async def first_delta(deltas: AsyncIterator[Delta], param: str) -> Delta:
     """The first delta; the engine reports a prompt it cannot run here, before any output."""
     try:
         return await anext(deltas)

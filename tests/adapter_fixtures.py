@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, base_linear_shapes
+from solverx.engine.lora import DEFAULT_KEYS
 
 RANK = 4
 ITERS = 80  # with lr 5e-4: every theme learned cleanly (16 steps at 5e-3 worked on one tiny base, not another)
@@ -335,3 +336,19 @@ def bad_adapters(good: Path, root: Path) -> dict[str, Path]:
         "missing_weights": missing_weights(good, root / "missing-weights"),
         "missing_config": missing_config(good, root / "missing-config"),
     }
+
+
+def random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA on every projection, random enough to change every key and value of the prompt."""
+    mx.random.seed(seed)
+    tensors = {}
+    for module, (fan_in, fan_out) in base_linear_shapes(model_dir).items():
+        if module.split(".", 3)[-1] in DEFAULT_KEYS:
+            tensors[f"{module}.lora_a"] = mx.random.normal((fan_in, 4)) * fan_in**-0.5
+            tensors[f"{module}.lora_b"] = mx.random.normal((4, fan_out)) * 0.05
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), tensors)
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": list(DEFAULT_KEYS)}
+    (out / "adapter_config.json").write_text(json.dumps({"num_layers": layers, "lora_parameters": lora}))
+    return out

@@ -8,14 +8,11 @@ exactly as it would without the cache. (The time it saves is measured in ``bench
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
-import mlx.core as mx
+from adapter_fixtures import random_adapter
 
-from solverx.adapters.validate import base_linear_shapes
 from solverx.engine.core import AdapterRef, Engine, EngineConfig
-from solverx.engine.lora import DEFAULT_KEYS
 from solverx.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -28,22 +25,6 @@ def ask(engine: Engine, messages: list[dict], adapter: AdapterRef | None = None)
         return "".join([delta.text async for delta in engine.generate(tokens, GREEDY, adapter)])
 
     return asyncio.run(run())
-
-
-def random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA on every projection, random enough to change every key and value of the prompt."""
-    mx.random.seed(seed)
-    tensors = {}
-    for module, (fan_in, fan_out) in base_linear_shapes(model_dir).items():
-        if module.split(".", 3)[-1] in DEFAULT_KEYS:
-            tensors[f"{module}.lora_a"] = mx.random.normal((fan_in, 4)) * fan_in**-0.5
-            tensors[f"{module}.lora_b"] = mx.random.normal((4, fan_out)) * 0.05
-    out.mkdir(parents=True)
-    mx.save_safetensors(str(out / "adapters.safetensors"), tensors)
-    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": list(DEFAULT_KEYS)}
-    (out / "adapter_config.json").write_text(json.dumps({"num_layers": layers, "lora_parameters": lora}))
-    return out
 
 
 def test_the_next_turn_reuses_the_prompt_and_answers_the_same(tiny_model_dir: Path) -> None:
