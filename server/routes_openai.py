@@ -23,7 +23,15 @@ from solverx.server.body import read_json
 from solverx.server.errors import InvalidRequest, ModelNotFound, to_api_error
 from solverx.server.metrics import track_generation
 from solverx.server.state import server_state
-from solverx.server.streaming import EventStream, cancel_on_disconnect, chat_events, completion_events, prepend
+from solverx.server.streaming import (
+    EventStream,
+    cancel_on_disconnect,
+    chat_events,
+    completion_events,
+    prepend,
+    tool_chat_events,
+)
+from solverx.server.tools import parse_calls
 
 if TYPE_CHECKING:
     from solverx.engine.core import Engine
@@ -43,6 +51,7 @@ class _Endpoint(NamedTuple):
 
 
 CHAT = _Endpoint("chatcmpl", "messages", chat_events, schemas.chat_completion)
+TOOL_CHAT = _Endpoint("chatcmpl", "messages", tool_chat_events, schemas.chat_completion)
 TEXT = _Endpoint("cmpl", "prompt", completion_events, schemas.text_completion)
 
 
@@ -54,7 +63,7 @@ async def chat_completions(request: Request) -> Response:
         prompt = target.engine.encode_chat(req.template_messages())
     except TemplateError as exc:
         raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
-    return await _complete(request, state, target, prompt, req.options, CHAT)
+    return await _complete(request, state, target, prompt, req.options, TOOL_CHAT if req.tool_choice.calls else CHAT)
 
 
 async def completions(request: Request) -> Response:
@@ -82,7 +91,12 @@ async def _complete(
         return EventStream(endpoint.events(meta, prepend(first, deltas), options.include_usage))
     text, last = await cancel_on_disconnect(request.receive, lambda: _collect(deltas, param=endpoint.prompt_param))
     counts = schemas.usage(last.prompt_tokens, last.completion_tokens)
-    return JSONResponse(endpoint.body(meta, text, last.finish_reason or "stop", counts))
+    finish = last.finish_reason or "stop"
+    if endpoint is TOOL_CHAT:
+        content, calls = parse_calls(text)
+        finish = "tool_calls" if calls and finish == "stop" else finish
+        return JSONResponse(schemas.chat_completion(meta, content, finish, counts, calls))
+    return JSONResponse(endpoint.body(meta, text, finish, counts))
 
 
 async def list_models(request: Request) -> Response:

@@ -1,7 +1,7 @@
 """The OpenAI request and response bodies this server speaks, checked by hand into typed dataclasses.
 
 Requests: every field we act on is validated with an error that names it (``param``) the way OpenAI does. A field
-that would change the answer and that we cannot honour (tools, ``n`` > 1, ``logprobs``…:
+that would change the answer and that we cannot honour (``n`` > 1, ``logprobs``, audio…:
 :data:`UNHONOURED`) is refused with a 400 naming it unless it holds its neutral value;
 fields that do not change the answer (``user``, ``metadata``, ``store``…) are accepted and ignored, as OpenAI's
 documentation allows. ``null`` means "not given" throughout.
@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from solverx.engine.grammar import ANY_JSON_OBJECT, InvalidGrammar, json_schema_grammar
+from solverx.engine.grammar import ANY_JSON_OBJECT, InvalidGrammar, json_schema_grammar, tool_call_grammar
 from solverx.engine.sampling import SamplingParams
 from solverx.server.errors import InvalidRequest
+from solverx.server.tools import NO_TOOLS, Tool, ToolChoice, parse_message_calls, parse_tools, render_history
 
 __all__ = [
     "ROLES",
@@ -38,7 +39,7 @@ __all__ = [
     "usage_chunk",
 ]
 
-ROLES = ("system", "developer", "user", "assistant", "tool")  # "tool" is named, then refused (no tools here)
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -50,10 +51,13 @@ _SEED_RANGE = (-(2**63), 2**64 - 1)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()  # an assistant's calls: {"id", "name", "arguments"} (parsed JSON)
+    tool_call_id: str | None = None  # a tool result's call
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         """The message as a chat template expects it; ``developer`` is OpenAI's newer name for ``system``."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        return message | ({"tool_calls": self.tool_calls} if self.tool_calls else {})
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,14 @@ class ChatCompletionRequest:
     model: str
     messages: tuple[ChatMessage, ...]
     options: GenerationOptions
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = NO_TOOLS
 
     def template_messages(self) -> list[dict[str, str]]:
-        return [m.for_template() for m in self.messages]
+        messages = [m.for_template() for m in self.messages]
+        if self.tools or any(m.role == "tool" or m.tool_calls for m in self.messages):
+            return render_history(messages, self.tools)
+        return messages
 
 
 @dataclass(frozen=True)
@@ -113,9 +122,6 @@ UNHONOURED: dict[str, tuple[Any, ...] | None] = {
     "top_logprobs": None,
     "echo": None,
     "suffix": None,
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),  # meaningless without tools, which are refused
     "functions": ([],),
     "function_call": ("none",),
     "modalities": (["text"],),
@@ -149,10 +155,27 @@ def parse_chat_request(body: Any, default_model: str | None = None) -> ChatCompl
     """Validate a ``POST /v1/chat/completions`` body; raises :class:`InvalidRequest` naming the bad field."""
     fields = _object(body)
     _refuse_unhonoured(fields, CHAT_UNHONOURED)
+    tools, choice = parse_tools(fields)
+    options = _options(fields, max_tokens_names=("max_completion_tokens", "max_tokens"))
+    if choice.calls:
+        if options.grammar is not None:
+            raise InvalidRequest(
+                "'response_format' cannot be combined with tool calls here; leave one out.", param="response_format"
+            )
+        chosen = [t for t in tools if choice.name in (None, t.name)]
+        try:
+            grammar = tool_call_grammar(
+                [(t.name, t.parameters) for t in chosen], text_allowed=choice.mode == "auto", parallel=choice.parallel
+            )
+        except InvalidGrammar as exc:
+            raise InvalidRequest(f"Invalid 'tools': {exc}", param="tools", code="invalid_value") from None
+        options = replace(options, grammar=grammar)
     return ChatCompletionRequest(
         model=_model(fields, default_model),
         messages=_messages(fields.get("messages")),
-        options=_options(fields, max_tokens_names=("max_completion_tokens", "max_tokens")),
+        options=options,
+        tools=tools,
+        tool_choice=choice,
     )
 
 
@@ -220,17 +243,18 @@ def _message(item: Any, where: str) -> ChatMessage:
         raise InvalidRequest(
             f"Invalid value: {role!r}. Supported values are: {supported}.", param=f"{where}.role", code="invalid_value"
         )
-    if role == "tool" or item.get("tool_calls") or item.get("function_call"):
-        field = f"{where}.role" if role == "tool" else f"{where}.tool_calls"
+    if item.get("function_call"):
         raise InvalidRequest(
-            f"Invalid '{field}': tool calls and tool results are not supported by this server (tools are not).",
-            param=field,
+            f"Invalid '{where}.function_call': the deprecated function calls are not supported; use tool_calls.",
+            param=f"{where}.function_call",
             code="unsupported_value",
         )
+    calls = parse_message_calls(item.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else ()
     content = item.get("content")
     if content is None and role == "assistant":
-        content = ""  # an assistant turn with nothing to say (its tool calls, if any, were refused above)
-    return ChatMessage(role, _content(content, f"{where}.content"))
+        content = ""  # an assistant turn with nothing to say but its tool calls
+    call_id = item.get("tool_call_id") if role == "tool" else None
+    return ChatMessage(role, _content(content, f"{where}.content"), calls, str(call_id) if call_id else None)
 
 
 def _content(content: Any, where: str) -> str:
@@ -497,7 +521,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_completion(meta: ResponseMeta, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+def chat_completion(
+    meta: ResponseMeta, text: str | None, finish_reason: str, usage: dict[str, int], tool_calls: list | None = None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": meta.id,
         "object": "chat.completion",
@@ -506,7 +535,7 @@ def chat_completion(meta: ResponseMeta, text: str, finish_reason: str, usage: di
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "finish_reason": finish_reason,
                 "logprobs": None,
             }

@@ -21,11 +21,21 @@ from starlette.types import Receive, Scope, Send
 
 from solverx.server import schemas
 from solverx.server.errors import to_api_error
+from solverx.server.tools import parse_calls
 
 if TYPE_CHECKING:
     from solverx.engine.core import Delta
 
-__all__ = ["DONE", "EventStream", "cancel_on_disconnect", "chat_events", "completion_events", "prepend", "sse"]
+__all__ = [
+    "DONE",
+    "EventStream",
+    "cancel_on_disconnect",
+    "chat_events",
+    "completion_events",
+    "prepend",
+    "sse",
+    "tool_chat_events",
+]
 
 log = logging.getLogger("solverx.server")
 
@@ -67,6 +77,45 @@ def chat_events(meta: schemas.ResponseMeta, deltas: AsyncIterator[Delta], includ
                     if include_usage:
                         counts = schemas.usage(delta.prompt_tokens, delta.completion_tokens)
                         yield schemas.usage_chunk(meta, "chat.completion.chunk", counts)
+
+    return _encode(chunks())
+
+
+def tool_chat_events(
+    meta: schemas.ResponseMeta, deltas: AsyncIterator[Delta], include_usage: bool
+) -> AsyncIterator[bytes]:
+    """Chat chunks for a request that may call tools: free text streams as it comes; an answer that starts with a
+    call (``<``, which the grammar keeps free text from starting with) is held until it is complete, then sent
+    as one ``tool_calls`` delta per call and ``finish_reason: "tool_calls"``, as OpenAI streams them."""
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        yield schemas.chat_chunk(meta, {"role": "assistant", "content": ""}, None, include_usage)
+        held: list[str] | None = None  # the answer so far, while it is calls
+        seen = ""
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                if held is None and not seen and delta.text:
+                    seen = delta.text
+                    if delta.text.lstrip().startswith("<"):
+                        held = []
+                if held is not None:
+                    held.append(delta.text)
+                elif delta.text:
+                    yield schemas.chat_chunk(meta, {"content": delta.text}, None, include_usage)
+                if delta.finish_reason is None:
+                    continue
+                finish = delta.finish_reason
+                if held is not None:
+                    content, calls = parse_calls("".join(held))
+                    if content:
+                        yield schemas.chat_chunk(meta, {"content": content}, None, include_usage)
+                    for index, call in enumerate(calls):
+                        yield schemas.chat_chunk(meta, {"tool_calls": [{"index": index, **call}]}, None, include_usage)
+                    finish = "tool_calls" if calls and finish == "stop" else finish
+                yield schemas.chat_chunk(meta, {}, finish, include_usage)
+                if include_usage:
+                    counts = schemas.usage(delta.prompt_tokens, delta.completion_tokens)
+                    yield schemas.usage_chunk(meta, "chat.completion.chunk", counts)
 
     return _encode(chunks())
 
