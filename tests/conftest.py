@@ -54,6 +54,17 @@ def solverx_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
+def real_daemon(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One ``solverx serve`` on the real base for the session's serving tests (structured outputs, tools)."""
+    from serving import serve_daemon
+
+    from solverx.models.builtin import SMOLLM_BASE_ID
+
+    with serve_daemon(tmp_path_factory.mktemp("real-home"), smollm_dir, base_id=SMOLLM_BASE_ID) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="session")
 def openapi():
     """``openapi(schema_name, body)`` validates a body against ``components/schemas/<schema_name>``."""
     from serving import OpenAPISchemas

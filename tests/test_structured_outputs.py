@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
-from serving import serve_daemon
 
 from solverx.models.builtin import SMOLLM_BASE_ID
 
@@ -51,9 +49,8 @@ FREE_QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def client(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serve_daemon(tmp_path_factory.mktemp("structured-home"), smollm_dir, base_id=SMOLLM_BASE_ID) as daemon:
-        yield openai.OpenAI(base_url=daemon.api_url, api_key="x", max_retries=0, timeout=300)
+def client(real_daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=real_daemon.api_url, api_key="x", max_retries=0, timeout=300)
 
 
 def json_schema(name: str, schema: dict) -> dict:

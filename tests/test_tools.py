@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import openai
 import pytest
-from serving import serve_daemon
 
 from solverx.models.builtin import SMOLLM_BASE_ID
 
@@ -46,9 +46,8 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def daemon(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serve_daemon(tmp_path_factory.mktemp("tools-home"), smollm_dir, base_id=SMOLLM_BASE_ID) as running:
-        yield running
+def daemon(real_daemon):
+    return real_daemon
 
 
 @pytest.fixture(scope="module")
@@ -62,25 +61,27 @@ def create(client: openai.OpenAI, **kwargs):
     return client.chat.completions.create(model=SMOLLM_BASE_ID, temperature=0, **kwargs)
 
 
-def test_a_required_call_names_a_tool_with_arguments_its_schema_accepts(client) -> None:
+def test_required_named_and_none_each_answer_as_asked_in_one_batch(client) -> None:
     import jsonschema
 
-    reply = create(client, tools=[WEATHER, TIME], tool_choice="required")
-    choice = reply.choices[0]
+    named_choice = {"type": "function", "function": {"name": "get_time"}}
+    with ThreadPoolExecutor(3) as pool:  # at once: one engine batch, three different grammars (one none)
+        required = pool.submit(create, client, tools=[WEATHER, TIME], tool_choice="required")
+        named = pool.submit(create, client, tools=[WEATHER, TIME], tool_choice=named_choice)
+        plain = pool.submit(create, client, tools=[WEATHER], tool_choice="none", max_tokens=24)
+    choice = required.result().choices[0]
     assert choice.finish_reason == "tool_calls", choice
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.id.startswith("call_")
     schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
     jsonschema.validate(json.loads(call.function.arguments), schema)
 
-
-def test_a_named_function_is_the_one_called_and_none_answers_in_text(client) -> None:
-    named = create(client, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}})
-    calls = named.choices[0].message.tool_calls
+    calls = named.result().choices[0].message.tool_calls
     assert [c.function.name for c in calls] and {c.function.name for c in calls} == {"get_time"}
-    plain = create(client, tools=[WEATHER], tool_choice="none", max_tokens=24)
-    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
-    assert plain.choices[0].message.content and "<tool_call>" not in plain.choices[0].message.content
+
+    message, finish = plain.result().choices[0].message, plain.result().choices[0].finish_reason
+    assert message.tool_calls is None and finish in ("stop", "length")
+    assert message.content and "<tool_call>" not in message.content
 
 
 def test_a_streamed_call_arrives_as_openai_streams_it(client) -> None:
@@ -106,9 +107,10 @@ def test_the_call_and_its_result_go_back_into_the_history(client) -> None:
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.content
 
 
-def test_langchain_bind_tools_gets_a_parsed_call(daemon) -> None:
+def test_langchain_bind_tools_gets_a_parsed_call_and_structured_output_a_model(daemon) -> None:
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
 
     @tool
     def get_weather(city: str) -> str:
@@ -119,6 +121,13 @@ def test_langchain_bind_tools_gets_a_parsed_call(daemon) -> None:
     message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
     assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather", message
     assert isinstance(message.tool_calls[0]["args"]["city"], str)
+
+    class Landmark(BaseModel):
+        city: str = Field(max_length=30)
+        country: Literal["France", "Italy", "Japan"]
+
+    found = llm.with_structured_output(Landmark, method="json_schema").invoke("Where is the Eiffel Tower?")
+    assert isinstance(found, Landmark) and found.country == "France", found
 
 
 def test_bad_tools_are_a_400_naming_the_field(client) -> None:
