@@ -204,3 +204,23 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_killing_the_launcher_takes_every_rank_with_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """What happens to the ranks when the daemon dies: its child, the launcher, goes, and they must follow."""
+    home = tmp_path / "home"
+    link_model(home, tiny_model_dir)
+    drop_files(home / "inbox" / "zorvik", company_files(with_changes(SPLIT_RECIPE, train={"sft_iters": 400})))
+    run = start_child(state_dirs(home), "zorvik", default_base="solverx-tiny", hosts=TrainHosts(TWO_LOCAL))
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(e["event"] == "progress" for e in read_events(run.run_dir)):
+        assert run.process.poll() is None and time.monotonic() < deadline, "the run ended before training"
+        time.sleep(0.2)
+    ranks = rank_pids(run.process.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    run.process.kill()  # kill -9: the launcher cannot stop them itself
+    run.process.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in ranks.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in ranks.values()), "a rank outlived its launcher"
