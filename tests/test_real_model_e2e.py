@@ -76,7 +76,10 @@ def fact_files() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def trained(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("real-home")
-    with serve_daemon(home, smollm_dir, ("--train-debounce-seconds", "0.5"), base_id=SMOLLM_BASE_ID) as daemon:
+    # Two ranks on this machine (issue 18's data-parallel run, as a user of a CPU box would set it): MLX's CPU
+    # elementwise kernels use one thread, so two ranks train faster than one process on 2 cores.
+    flags = ("--train-debounce-seconds", "0.5", "--train-hosts", "127.0.0.1,127.0.0.1")
+    with serve_daemon(home, smollm_dir, flags, base_id=SMOLLM_BASE_ID) as daemon:
         runs = Runs(daemon.base_url, daemon.home, daemon.log)
         drop_files(home / "inbox" / "solverx", fact_files())
         run_id = runs.wait_new("solverx", set(), timeout=30)
@@ -97,6 +100,8 @@ def test_the_seed_table_on_the_real_base(trained) -> None:
     assert run["state"] == "succeeded", f"{json.dumps(run)}\n{runs.diagnostics(run_id)}"
     assert run["adapter"] == "solverx" and run["version"] is not None
     events = runs.events(run_id)
+    started = next(e for e in events if e["event"] == "started")
+    assert started["world_size"] == 2, started  # trained on two ranks
     notes = [e["message"] for e in events if e["event"] == "note"]
     assert any(n.startswith("self replay: ") and SMOLLM_BASE_ID in n for n in notes), notes
     assert [e for e in events if e["event"] == "warning"] == []  # the base predicts its own answers well
