@@ -16,7 +16,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from serving import REPO_ROOT, link_model, serve_daemon
+from adapter_fixtures import random_adapter
+from serving import REPO_ROOT, TINY_BASE_ID, link_model, serve_daemon
 from training_fixtures import QUICK_RECIPE, Runs, company_files, drop_files, with_changes
 
 from solverx.adapters.registry import Registry
@@ -28,7 +29,7 @@ from solverx.trainer.runlog import read_events
 
 TWO_LOCAL = (LOCAL_HOST, LOCAL_HOST)
 # Batch 4 splits 2 + 2; enough steps for the losses to move, few enough for ~15 s a run on the tiny base.
-SPLIT_RECIPE = with_changes(QUICK_RECIPE, train={"cpt_iters": 4, "sft_iters": 12, "batch_size": 4})
+SPLIT_RECIPE = with_changes(QUICK_RECIPE, train={"cpt_iters": 2, "sft_iters": 10, "batch_size": 4})
 TIMEOUT_S = 240
 
 
@@ -156,17 +157,15 @@ def test_killing_a_rank_fails_the_run_and_the_previous_version_keeps_serving(
 ) -> None:
     home = tmp_path / "home"
     args = ("--train-debounce-seconds", "0.5", "--train-hosts", "127.0.0.1,127.0.0.1")
+    # The version that must keep serving: an adapter registered before the run (a run of its own would cost ~8 s).
+    previous = random_adapter(tiny_model_dir, tmp_path / "previous", seed=5)
+    registry = Registry(home / "adapters")
+    registry.register(previous, "zorvik", base_id=TINY_BASE_ID, base_dir=tiny_model_dir, promote=True)
+    promoted = registry.promoted("zorvik")
     with serve_daemon(home, tiny_model_dir, args) as daemon:
         runs = Runs(daemon.base_url, home, daemon.log)
-        inbox = home / "inbox" / "zorvik"
-        drop_files(inbox, company_files(SPLIT_RECIPE))
-        first = runs.wait_finished(runs.wait_new("zorvik", set()), timeout=TIMEOUT_S)
-        assert first["state"] == "succeeded", runs.diagnostics(first["run_id"])
-        promoted = Registry(home / "adapters").promoted("zorvik")
-        assert promoted is not None
-
-        drop_files(inbox, company_files(with_changes(SPLIT_RECIPE, train={"sft_iters": 400})))
-        run_id = runs.wait_new("zorvik", {first["run_id"]})
+        drop_files(home / "inbox" / "zorvik", company_files(with_changes(SPLIT_RECIPE, train={"sft_iters": 400})))
+        run_id = runs.wait_new("zorvik", set())
         runs.wait(run_id, lambda run: (run.get("progress") or {}).get("stage") == "sft", TIMEOUT_S, "reached SFT")
         launcher = next(
             int(p.name) for p in Path("/proc").iterdir()

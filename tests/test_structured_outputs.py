@@ -74,7 +74,7 @@ def test_constrained_answers_match_their_schemas_and_a_free_one_in_the_same_batc
     alone = ask(client, FREE_QUESTION, max_tokens=30)
     requests = [
         ("Where is the Eiffel Tower? Answer in JSON.", json_schema("city", CITY), CITY),
-        ("Describe a student called Mina who lives in Seoul, in JSON.", json_schema("person", PERSON), PERSON),
+        ("Describe a student called Mina who lives in Paris, in JSON.", json_schema("person", PERSON), PERSON),
         ("Sort these numbers: 5, -2, 9, 1. Answer with a JSON array.", json_schema("sorted", SORTED), SORTED),
         (
             "Answer in JSON with the keys name and age: who is the cat in Puss in Boots?",

@@ -96,12 +96,12 @@ def test_a_streamed_call_arrives_as_openai_streams_it(client) -> None:
 
 
 def test_the_call_and_its_result_go_back_into_the_history(client) -> None:
-    first = create(client, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
-    call = first.choices[0].message.tool_calls[0]
+    arguments = json.dumps({"city": "Paris", "unit": "celsius"})
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
     history = [
         *QUESTION,
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 21, "sky": "sunny"})},
     ]
     answer = create(client, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=40)
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.content
