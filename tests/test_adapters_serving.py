@@ -390,7 +390,7 @@ def test_vllm_load_and_unload_lora_adapter(daemon, client, trained, ab):
 
 # -- 6. hot-swap under load --------------------------------------------------------------------------------
 
-SWAP_TOKENS = 64
+SWAP_TOKENS = 160  # long enough to outlast the promote even when the prompt cache makes their prefill instant
 SWAP_PROMPTS = tuple(f"Question {i}: {q}" for i, q in enumerate((*fixtures.QUESTIONS, "What is a dog?", "Hello!")))
 
 
