@@ -28,8 +28,9 @@ from solverx.server import schemas
 from solverx.server.body import read_json
 from solverx.server.errors import APIError, InvalidRequest, ModelNotFound, to_api_error
 from solverx.server.metrics import track_generation
-from solverx.server.routes_openai import completion_budget, first_delta
+from solverx.server.routes_openai import collect, completion_budget, first_delta
 from solverx.server.state import server_state
+from solverx.server.streaming import prepend
 
 __all__ = ["OLLAMA_VERSION", "ollama_name", "routes"]
 
@@ -214,13 +215,8 @@ async def _answer(
     first = await first_delta(deltas, param="messages" if chat else "prompt")
     if stream:
         return StreamingResponse(_lines(name, first, deltas, started, chat), media_type="application/x-ndjson")
-    parts, last = [first.text], first
-    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
-        if first.finish_reason is None:
-            async for delta in deltas:
-                parts.append(delta.text)
-                last = delta
-    return JSONResponse(_final(name, "".join(parts), last, started, chat))
+    text, last = await collect(prepend(first, deltas), param="messages" if chat else "prompt")
+    return JSONResponse(_final(name, text, last, started, chat))
 
 
 async def _lines(name: str, first: Delta, rest: AsyncIterator[Delta], started: int, chat: bool) -> AsyncIterator[bytes]:

@@ -89,7 +89,7 @@ async def _complete(
     if options.stream:
         first = await first_delta(deltas, param=endpoint.prompt_param)
         return EventStream(endpoint.events(meta, prepend(first, deltas), options.include_usage))
-    text, last = await cancel_on_disconnect(request.receive, lambda: _collect(deltas, param=endpoint.prompt_param))
+    text, last = await cancel_on_disconnect(request.receive, lambda: collect(deltas, param=endpoint.prompt_param))
     counts = schemas.usage(last.prompt_tokens, last.completion_tokens)
     finish = last.finish_reason or "stop"
     if endpoint is TOOL_CHAT:
@@ -138,7 +138,7 @@ async def first_delta(deltas: AsyncIterator[Delta], param: str) -> Delta:
         raise
 
 
-async def _collect(deltas: AsyncIterator[Delta], param: str) -> tuple[str, Delta]:
+async def collect(deltas: AsyncIterator[Delta], param: str) -> tuple[str, Delta]:
     """The whole completion as one text and its last delta (finish reason and token counts)."""
     parts: list[str] = []
     last: Delta | None = None
