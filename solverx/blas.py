@@ -59,3 +59,8 @@ def ensure_openblas() -> None:
     env = preload_env()
     env["_SOLVERX_REEXEC"] = "1"
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def threads_each(processes: int) -> int:
+    """OpenBLAS threads for each of ``processes`` that share this machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))

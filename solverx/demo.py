@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from solverx.blas import threads_each
 from solverx.data import DATA_DIR
 from solverx.models.builtin import SMOLLM_BASE_ID
 from solverx.paths import StateDirs, resolve_home
@@ -173,7 +174,7 @@ def concurrent_runs() -> int:
 
 def blas_threads(parallel: int) -> int:
     """OpenBLAS threads for each of ``parallel`` runs sharing this machine's cores (0: leave it to OpenBLAS)."""
-    return max(1, (os.cpu_count() or 1) // min(parallel, os.cpu_count() or 1)) if parallel > 1 else 0
+    return threads_each(parallel) if parallel > 1 else 0
 
 
 def uses_self_replay(spec: DemoVariant, settings: TrainSettings) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from solverx.blas import ensure_openblas, preload_env
+from solverx.blas import ensure_openblas, preload_env, threads_each
 from solverx.models.builtin import SMOLLM_BASE_ID
 
 EXIT_REFUSED = 3
@@ -101,7 +101,7 @@ class TrainHosts:
             env[WORLD_SIZE_ENV] = str(self.world_size)
             local = sum(1 for host in self.addresses() if host == LOCAL_HOST)
             if local > 1 and "OPENBLAS_NUM_THREADS" not in env:
-                env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+                env["OPENBLAS_NUM_THREADS"] = str(threads_each(local))
         return env
 
 
