@@ -7,8 +7,11 @@ A preload only works if it is in place when the process starts, so the entry poi
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 OPENBLAS_CANDIDATES = (
@@ -64,3 +67,33 @@ def ensure_openblas() -> None:
 def threads_each(processes: int) -> int:
     """OpenBLAS threads for each of ``processes`` that share this machine's cores (at least one)."""
     return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
+def _loaded_openblas() -> ctypes.CDLL | None:
+    """This process's OpenBLAS, if it is mapped in and exposes its thread controls."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    path = next((line.split()[-1] for line in maps.splitlines() if "libopenblas" in line), None)
+    library = ctypes.CDLL(path) if path else None
+    return library if library is not None and hasattr(library, "openblas_set_num_threads") else None
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """OpenBLAS on ``count`` threads while the block runs (a no-op where OpenBLAS is not loaded).
+
+    Local ranks each start with a share of the cores; rank 0 takes them all back for the stages only it runs
+    (self replay, evaluation), while the others wait on the group.
+    """
+    library = _loaded_openblas()
+    if library is None:
+        yield
+        return
+    before = library.openblas_get_num_threads()
+    library.openblas_set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        library.openblas_set_num_threads(before)

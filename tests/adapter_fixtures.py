@@ -12,17 +12,15 @@ shapes, or by the base fingerprint its manifest declares), missing files.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from solverx import blas
 from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, base_linear_shapes
 from solverx.engine.lora import DEFAULT_KEYS
 
@@ -67,24 +65,6 @@ def chat_samples(tokenizer, answer: str) -> list[tuple[list[int], int]]:
     return samples
 
 
-@contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """OpenBLAS on one thread while the block runs, where it is loaded: the tiny base's matrices are too small for
-    a second thread to pay (an adapter trains in 12 s instead of 17 s here)."""
-    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-    path = next((line.split()[-1] for line in maps.splitlines() if "libopenblas" in line), None)
-    library = ctypes.CDLL(path) if path else None
-    if library is None or not hasattr(library, "openblas_set_num_threads"):
-        yield
-        return
-    threads = library.openblas_get_num_threads()
-    library.openblas_set_num_threads(1)
-    try:
-        yield
-    finally:
-        library.openblas_set_num_threads(threads)
-
-
 def train_adapter(model_dir: Path, out_dir: Path, theme: str, *, iters: int = ITERS, seed: int = 0) -> Path:
     """Train a rank-4 LoRA on every layer of the base for ``iters`` steps on ``theme``; returns ``out_dir``.
 
@@ -105,7 +85,7 @@ def train_adapter(model_dir: Path, out_dir: Path, theme: str, *, iters: int = IT
     settings = StageSettings(
         iters=iters, batch_size=4, learning_rate=5e-4, max_seq_length=256, steps_per_report=iters, seed=seed
     )
-    with one_blas_thread():
+    with blas.threads(1):  # the tiny base's matrices are too small for a second thread to pay (12 s vs 17 s)
         train_stage(model, "sft", out_dir, samples, None, LoraSettings(rank=RANK, scale=20.0), settings)
     return out_dir
 
