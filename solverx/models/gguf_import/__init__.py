@@ -18,12 +18,21 @@ in one of ggml's block formats. This module translates all three into what ``mlx
   and merges, with the pre-tokenizer named by ``tokenizer.ggml.pre``; SentencePiece BPE (``llama``, also Gemma)
   with byte fallback, merges recovered from the scores as transformers' converters do.
 
+The directory also records its source (``gguf-source.json``: path, architecture, size), so that an adapter trained
+on it can be exported back to llama.cpp (:mod:`solverx.adapters.export`).
+
 The output is written to a ``.partial`` sibling and renamed into place, as
 :func:`solverx.models.prepare.prepare_checkpoint` does; the result is the same
 :class:`~solverx.models.prepare.PreparedModel`.
 """
 
 from solverx.models.gguf_import.convert import import_gguf
-from solverx.models.gguf_import.metadata import GGUFImportError, llama3_rope_scaling, read_gguf_summary
+from solverx.models.gguf_import.metadata import (
+    FAMILIES,
+    GGUFImportError,
+    GGUFSource,
+    llama3_rope_scaling,
+    read_gguf_summary,
+)
 
-__all__ = ["GGUFImportError", "import_gguf", "llama3_rope_scaling", "read_gguf_summary"]
+__all__ = ["FAMILIES", "GGUFImportError", "GGUFSource", "import_gguf", "llama3_rope_scaling", "read_gguf_summary"]

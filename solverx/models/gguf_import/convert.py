@@ -18,7 +18,9 @@ from solverx.models.checkpoints import ShardWriter
 from solverx.models.gguf_import.metadata import (
     FAMILIES,
     MAX_SHARD_BYTES,
+    SOURCE_RECORD,
     GGUFImportError,
+    GGUFSource,
     Metadata,
     _dequantizable,
     _open,
@@ -171,6 +173,8 @@ def import_gguf(
         writer.finish(total_parameters=num_parameters)
         save_config(config, partial / "config.json")
         write_tokenizer(tokenizer, vocab, partial, model_max_length=config["max_position_embeddings"])
+        source = GGUFSource(src.resolve(), meta.arch, src.stat().st_size)
+        (partial / SOURCE_RECORD).write_text(source.to_json() + "\n", encoding="utf-8")
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

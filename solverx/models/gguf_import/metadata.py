@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -22,6 +23,40 @@ _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 
 class GGUFImportError(ValueError):
     """The GGUF uses something this importer cannot translate; the message names it."""
+
+
+# --- where an imported model came from ----------------------------------------------------------------------
+
+SOURCE_RECORD = "gguf-source.json"  # in the imported model directory; written by import_gguf
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """The GGUF file a model directory was imported from: what an export back to GGUF builds on."""
+
+    path: Path
+    architecture: str
+    size: int
+
+    def to_json(self) -> str:
+        return json.dumps({"path": str(self.path), "architecture": self.architecture, "size": self.size}, indent=2)
+
+    @classmethod
+    def of(cls, model_dir: Path) -> GGUFSource | None:
+        """The record in ``model_dir``; None when it was not imported from GGUF (or before records were kept)."""
+        try:
+            raw = json.loads((Path(model_dir) / SOURCE_RECORD).read_text(encoding="utf-8"))
+            return cls(Path(raw["path"]), str(raw["architecture"]), int(raw["size"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def check(self) -> Path:
+        """The source file, if it is still there and the same size; GGUFImportError saying what changed if not."""
+        if not self.path.is_file():
+            raise GGUFImportError(f"the GGUF this base was imported from, {self.path}, is gone")
+        if self.path.stat().st_size != self.size:
+            raise GGUFImportError(f"{self.path} changed since this base was imported from it (size differs)")
+        return self.path
 
 
 # --- architectures ------------------------------------------------------------------------------------------
@@ -205,18 +240,21 @@ def llama3_rope_scaling(factors: np.ndarray, base: float, dims: int) -> dict | N
     raise GGUFImportError("rope_freqs.weight holds RoPE factors that are not Llama 3's scaling; not supported")
 
 
-def _query_pre_attn_scalar(meta: Metadata, *, hidden: int, heads: int, head_dim: int, layers: int) -> float:
+def _query_pre_attn_scalar(meta: Metadata, *, hidden: int, heads: int, head_dim: int, layers: int) -> float | int:
     """Gemma 2/3's attention scale, which llama.cpp keeps out of the metadata for most files.
 
     llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B models (Gemma 2 with 46 layers, Gemma 3
     with 62), whose ``query_pre_attn_scalar`` is hidden/heads; ``{arch}.attention.scale`` wins when present.
+    An integer stays an int: transformers 5 types the field so, and refuses the whole config (tokenizer included)
+    over ``16.0``.
     """
     scale = meta.get("{arch}.attention.scale")
     if scale:
-        return round(float(scale) ** -2, 3)
+        value = round(float(scale) ** -2, 3)
+        return int(value) if value.is_integer() else value
     if (meta.arch, layers) in (("gemma2", 46), ("gemma3", 62)):
-        return float(hidden // heads)
-    return float(head_dim)
+        return hidden // heads
+    return head_dim
 
 
 def _sliding_window_pattern(meta: Metadata, layers: int) -> int:
