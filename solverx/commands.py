@@ -50,6 +50,8 @@ def adapters_command(args: argparse.Namespace, settings: Settings) -> int:
                 print(_version_line(info))
         return 0
     name, version = parse_model_name(args.name)
+    if action == "export":
+        return export_command(registry.resolve(name, version), args, settings)
     if action == "show":
         versions = [registry.resolve(name, version)] if version else registry.versions(name)
         if args.json:
@@ -94,6 +96,7 @@ def add_adapters_parser(commands, add_settings) -> None:
         ("promote", "serve version N of NAME (NAME@N, or NAME --version N)"),
         ("rollback", "go back to the previously promoted version (or --version N)"),
         ("remove", "remove NAME (every version) or NAME@N"),
+        ("export", "write NAME[@N] for llama.cpp/Ollama (gguf), Hugging Face PEFT (peft), or fused into its base"),
     ):
         sub = actions.add_parser(action, help=help_text)
         if action != "list":
@@ -104,8 +107,46 @@ def add_adapters_parser(commands, add_settings) -> None:
             sub.add_argument("--no-promote", dest="promote", action="store_false", help="keep it a candidate")
         if action in ("promote", "rollback"):
             sub.add_argument("--version", type=int)
+        if action == "export":
+            from solverx.adapters.export import FORMATS
+
+            sub.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
+            sub.add_argument("--out", required=True, type=Path, help="a new file (gguf) or directory (peft, fused)")
+            sub.add_argument(
+                "--base-model", help="peft: the Hugging Face id of the base, for adapter_config.json (default: its id)"
+            )
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         add_settings(sub)
+
+
+def export_command(info, args: argparse.Namespace, settings: Settings) -> int:
+    """``solverx adapters export``: one registered version, in another tool's format, at a new path."""
+    from solverx.adapters import export
+    from solverx.adapters.fingerprint import base_fingerprint
+    from solverx.paths import state_dirs
+
+    base_dir = state_dirs(settings.home).model(info.base_id)
+    if not (base_dir / "config.json").is_file():
+        raise export.ExportError(f"{info.model_name}'s base {info.base_id!r} is not installed in {base_dir.parent}")
+    if base_fingerprint(base_dir) != info.base_fingerprint:
+        raise export.ExportError(f"the base {info.base_id!r} changed since {info.model_name} was trained on it")
+    out = args.out.expanduser().absolute()
+    say = lambda message: print(f"solverx: {message}", file=sys.stderr)  # noqa: E731
+    if args.export_format == "gguf":
+        from solverx.models.gguf_import import GGUFSource
+
+        written = export.export_gguf(info.path, base_dir, out)
+        source = GGUFSource.of(base_dir)
+        print(f"{written}\n  llama.cpp: llama-server -m {source.path} --lora {written}")
+        print(f"  Ollama Modelfile: FROM {source.path}\n                    ADAPTER {written}")
+    elif args.export_format == "peft":
+        written = export.export_peft(info.path, base_dir, out, base_model=args.base_model or info.base_id)
+        print(f"{written}\n  peft: PeftModel.from_pretrained(base, {str(written)!r})")
+    else:
+        written = export.export_fused(info.path, base_dir, out, progress=say)
+        gguf = written / export.FUSED_GGUF
+        print(f"{written}" + (f"\n  {gguf}: llama-server -m {gguf}" if gguf.is_file() else ""))
+    return 0
 
 
 def _daemon_url(settings: Settings) -> str:
