@@ -178,7 +178,7 @@ async def api_chat(request: Request) -> Response:
     req = schemas.parse_chat_request({**fields, "messages": messages}, state.default_model)
     target = state.catalog.resolve(req.model)
     try:
-        prompt = target.engine.encode_chat(req.template_messages())
+        prompt = req.encode(target.engine)
     except TemplateError as exc:
         raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
     return await _answer(request, target, prompt, req.options, stream, chat=True)
@@ -196,7 +196,7 @@ async def api_generate(request: Request) -> Response:
     # /api/generate applies the model's chat template to the prompt (unless raw, which we refuse)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt_text}]
     req = schemas.parse_chat_request({**fields, "messages": messages}, state.default_model)
-    prompt = target.engine.encode_chat(req.template_messages())
+    prompt = req.encode(target.engine)
     return await _answer(request, target, prompt, req.options, stream, chat=False)
 
 

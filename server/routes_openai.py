@@ -60,7 +60,7 @@ async def chat_completions(request: Request) -> Response:
     req = schemas.parse_chat_request(await read_json(request, state.max_body_bytes), state.default_model)
     target = state.catalog.resolve(req.model)
     try:
-        prompt = target.engine.encode_chat(req.template_messages())
+        prompt = req.encode(target.engine)
     except TemplateError as exc:
         raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
     return await _complete(request, state, target, prompt, req.options, TOOL_CHAT if req.tool_choice.calls else CHAT)

@@ -21,7 +21,15 @@ from typing import Any
 from solverx.engine.grammar import ANY_JSON_OBJECT, InvalidGrammar, json_schema_grammar, tool_call_grammar
 from solverx.engine.sampling import SamplingParams
 from solverx.server.errors import InvalidRequest
-from solverx.server.tools import NO_TOOLS, Tool, ToolChoice, parse_message_calls, parse_tools, render_history
+from solverx.server.tools import (
+    NO_TOOLS,
+    Tool,
+    ToolChoice,
+    native_message,
+    parse_message_calls,
+    parse_tools,
+    render_history,
+)
 
 __all__ = [
     "ROLES",
@@ -101,11 +109,21 @@ class ChatCompletionRequest:
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = NO_TOOLS
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self, native_tools: bool = False) -> list[dict[str, Any]]:
+        """The messages for the chat template: calls and results in OpenAI's shape for a template that renders
+        tools itself (``native_tools``), else written into the messages in the Hermes format."""
         messages = [m.for_template() for m in self.messages]
+        if native_tools:
+            return [native_message(m) for m in messages]
         if self.tools or any(m.role == "tool" or m.tool_calls for m in self.messages):
             return render_history(messages, self.tools)
         return messages
+
+    def encode(self, engine: Any) -> list[int]:
+        """The prompt's token ids on ``engine``'s base, tools rendered the way its template can."""
+        native = engine.chat_rules.native_tools
+        tools = [t.signature() for t in self.tools] if native and self.tools else None
+        return engine.encode_chat(self.template_messages(native), tools=tools)
 
 
 @dataclass(frozen=True)

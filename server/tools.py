@@ -1,9 +1,10 @@
 """Tool calls in chat completions: OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls``.
 
-The prompt: the tools go into a system message in the Hermes format that most tool-trained open models read
-(Qwen 2.5/3, Hermes, SmolLM3): the signatures inside ``<tools></tools>``, and each call answered as
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. Earlier calls and their results go into the history
-the same way (a result as ``<tool_response>`` in a user turn), so any chat template renders them.
+The prompt: a chat template that renders tools itself in the Hermes format (Qwen 2.5/3, Hermes, SmolLM3:
+:attr:`solverx.models.chat_rules.ChatRules.native_tools`) gets the tools and the history as OpenAI's messages.
+For any other template the same format goes into the messages: the signatures inside ``<tools></tools>`` in a
+system message, each call answered as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, earlier calls
+and their results in the history the same way (a result as ``<tool_response>`` in a user turn).
 
 The answer: a grammar (:func:`solverx.engine.grammar.tool_call_grammar`) makes every call JSON that names one of
 the tools and matches its parameter schema. ``required`` or a named function: the answer is calls only; ``auto``:
@@ -20,7 +21,16 @@ from typing import Any
 
 from solverx.server.errors import InvalidRequest
 
-__all__ = ["NO_TOOLS", "Tool", "ToolChoice", "parse_calls", "parse_message_calls", "parse_tools", "render_history"]
+__all__ = [
+    "NO_TOOLS",
+    "Tool",
+    "ToolChoice",
+    "native_message",
+    "parse_calls",
+    "parse_message_calls",
+    "parse_tools",
+    "render_history",
+]
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(CALL_START) + r"\s*(\{.*?\})\s*" + re.escape(CALL_END), re.S)
@@ -141,6 +151,20 @@ def render_history(messages: list[dict[str, Any]], tools: tuple[Tool, ...]) -> l
     if len(out) > 1 and out[0]["role"] == "system" and out[1]["role"] == "system" and tools:
         out[0:2] = [{"role": "system", "content": out[1]["content"] + "\n\n" + out[0]["content"]}]
     return out
+
+
+def native_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A history message for a template that renders tools itself: calls as OpenAI's ``tool_calls`` (arguments as
+    an object, which templates print with ``tojson``), results as ``tool`` turns."""
+    calls = message.get("tool_calls") or ()
+    if not calls:
+        return message
+    return message | {
+        "tool_calls": [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls
+        ]
+    }
 
 
 def _tools_block(tools: tuple[Tool, ...]) -> str:

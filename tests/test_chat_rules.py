@@ -1,14 +1,17 @@
 """A model is trained on exactly the prompts it is served: the engine and the SFT datasets encode one conversation
-through the same chat rules (solverx.models.chat_rules), for a ChatML base and for a Gemma 2 that has no system role."""
+through the same chat rules (solverx.models.chat_rules), for a ChatML base and for a Gemma 2 that has no system role;
+and tools reach a template that renders them itself as OpenAI's messages, any other as the documented Hermes block."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from solverx.engine.core import Engine
 from solverx.models.lookalikes import build_gemma2
+from solverx.server.schemas import parse_chat_request
 from solverx.trainer.datasets import build_sft_dataset
 
 CONVERSATION = [
@@ -54,3 +57,77 @@ def test_gemma_base_folds_system_turns_alike_when_serving_and_training(gemma2: P
     text = engine.tokenizer.decode(served[1])
     assert "Answer in one short sentence.\n\nBe polite.\n\nWhere is the head office?" in text
     assert "system" not in text
+
+
+# -- tools: a template that renders them itself gets them, any other gets our Hermes block --------------------
+
+# Qwen2.5-Instruct's chat template (Apache-2.0), as its tokenizer_config.json publishes it: it takes ``tools`` and
+# writes calls as <tool_call>, the format our grammar and parser use.
+QWEN_TEMPLATE = Path(__file__).parent / "data" / "qwen2.5_chat_template.jinja"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TOOL_CHAT = {
+    "messages": [
+        {"role": "user", "content": "Weather in Seoul?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Seoul"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, clear"},
+        {"role": "user", "content": "And tomorrow?"},
+    ],
+    "tools": [WEATHER],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen_like(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base with Qwen2.5's chat template."""
+    out = tmp_path_factory.mktemp("qwen-like") / "qwen-like"
+    out.mkdir()
+    for item in tiny_model_dir.iterdir():
+        (out / item.name).symlink_to(item)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.unlink()
+    config_path.write_text(json.dumps(config | {"chat_template": QWEN_TEMPLATE.read_text()}))
+    return out
+
+
+def prompt_text(model_dir: Path, body: dict) -> tuple[str, Engine]:
+    """The prompt the server builds for ``body`` on ``model_dir``'s base, as text."""
+    engine = Engine(model_dir, model_dir.name).start()
+    try:
+        request = parse_chat_request({"model": model_dir.name, **body}, model_dir.name)
+        return engine.tokenizer.decode(request.encode(engine)), engine
+    finally:
+        engine.stop()
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_history_as_openai_messages(qwen_like: Path) -> None:
+    text, engine = prompt_text(qwen_like, TOOL_CHAT)
+    assert engine.chat_rules.native_tools
+    openai_shaped = [dict(m) for m in TOOL_CHAT["messages"]]
+    openai_shaped[1] = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Seoul"}}},
+    ]}  # fmt: skip
+    assert text == engine.tokenizer.apply_chat_template(
+        openai_shaped, tools=[WEATHER], tokenize=False, add_generation_prompt=True
+    )  # exactly what the model's own template makes of OpenAI's messages
+    system = text.split("<|im_end|>")[0]
+    assert "You are Qwen" in system and json.dumps(WEATHER) in system  # the template's own words and the tool
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\n18 C, clear\n</tool_response><|im_end|>" in text
+
+
+def test_a_template_without_tools_gets_the_documented_hermes_block(tiny_model_dir: Path) -> None:
+    text, engine = prompt_text(tiny_model_dir, TOOL_CHAT)
+    assert not engine.chat_rules.native_tools
+    assert text.startswith("<|im_start|>system\n# Tools\n") and '"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>' in text
+    assert "<tool_response>\n18 C, clear\n</tool_response>" in text

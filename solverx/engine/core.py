@@ -246,9 +246,10 @@ class Engine:
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Render messages with the base's chat template, ending where the assistant's answer begins."""
-        return self.chat_rules.encode(self.tokenizer, messages, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Render messages with the base's chat template, ending where the assistant's answer begins (``tools``:
+        OpenAI's tool list, for a template that renders tools itself: ``chat_rules.native_tools``)."""
+        return self.chat_rules.encode(self.tokenizer, messages, add_generation_prompt=True, tools=tools)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=False)

@@ -7,6 +7,11 @@ already has them).
 
 Gemma's templates have no system role: every system message is folded into the first user turn. Other families
 keep theirs. A family we do not know is probed: a template that raises on a system turn gets folding too.
+
+Tools: a template that renders them itself in the Hermes format (it takes ``tools`` and writes ``<tool_call>``:
+Qwen 2.5/3, Hermes, SmolLM3) gets them and the history's calls and results as OpenAI's messages, so the prompt
+is the one the model was trained on; for every other template :mod:`solverx.server.tools` writes the same format
+into the messages.
 """
 
 from __future__ import annotations
@@ -61,11 +66,20 @@ def _template_accepts_system(tokenizer: Any) -> bool:
         return False
 
 
+def _template_renders_hermes_tools(tokenizer: Any) -> bool:
+    """Whether the chat template takes ``tools`` and asks for ``<tool_call>`` answers (what our parser reads)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the tool one, if any, else the default
+        template = template.get("tool_use") or template.get("default")
+    return isinstance(template, str) and "tools" in template and "<tool_call>" in template
+
+
 @dataclass(frozen=True)
 class ChatRules:
     """How one model turns a conversation into prompt tokens."""
 
     fold_system: bool = False
+    native_tools: bool = False  # the template renders ``tools`` and tool calls itself, the Hermes way
 
     @classmethod
     def for_model(cls, config: dict, tokenizer: Any) -> ChatRules:
@@ -73,23 +87,31 @@ class ChatRules:
         from solverx.models.prepare import text_config_of
 
         family = text_config_of(config).get("model_type", "")
-        return cls(fold_system=family in NO_SYSTEM_ROLE or not _template_accepts_system(tokenizer))
+        fold = family in NO_SYSTEM_ROLE or not _template_accepts_system(tokenizer)
+        return cls(fold_system=fold, native_tools=_template_renders_hermes_tools(tokenizer))
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any) -> ChatRules:
         """The rules from the template alone, where no config is at hand (Gemma's template raises on a system turn)."""
-        return cls(fold_system=not _template_accepts_system(tokenizer))
+        fold = not _template_accepts_system(tokenizer)
+        return cls(fold_system=fold, native_tools=_template_renders_hermes_tools(tokenizer))
 
     def messages(self, messages: Sequence[Message]) -> list[Message]:
         """The messages as this model's template takes them."""
         return fold_system_message(messages) if self.fold_system else [dict(m) for m in messages]
 
-    def render(self, tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+    def render(
+        self, tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool, tools: list | None = None
+    ) -> str:
+        """The chat as text; ``tools`` (OpenAI's tool list) only for a template with :attr:`native_tools`."""
+        extra = {"tools": tools} if tools else {}
         return tokenizer.apply_chat_template(
-            self.messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            self.messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
 
-    def encode(self, tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool) -> list[int]:
+    def encode(
+        self, tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool, tools: list | None = None
+    ) -> list[int]:
         """Token ids of the rendered chat; the template carries every special token, so none is added."""
-        text = self.render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        text = self.render(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return list(tokenizer.encode(text, add_special_tokens=False))
