@@ -5,7 +5,8 @@ workers that hold nothing of the run: for each stage rank 0 sends them, over the
 stage's settings, the base model's fingerprint, the tokenized datasets and the weights to resume from. Then every
 rank trains in lockstep through mlx-lm's ``train``, which averages the gradients (``mx.distributed``), while
 :func:`solverx.trainer.datasets.mixed_batches` gives each rank its rows of the same global batch. Workers leave
-when rank 0 says the stages are done; rank 0 evaluates and registers alone.
+when rank 0 says the stages are done. Greedy answers (self replay, evaluation) are shared out the same way: each
+rank answers its share on its own engine (:func:`answer_everywhere`); rank 0 scores and registers alone.
 
 A broadcast is an ``all_sum`` to which only rank 0 contributes: MLX's collectives are the only transport.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 
 from solverx.adapters.fingerprint import base_fingerprint
-from solverx.adapters.validate import ADAPTER_WEIGHTS
+from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from solverx.trainer.answers import Ask, Reply, greedy_answers
 from solverx.trainer.datasets import MixedDataset, Sample, SequenceDataset, mixed_batches
 from solverx.trainer.recipe import LoraSettings
 from solverx.trainer.train import StageSettings, train_stage
@@ -104,6 +107,21 @@ def gather_text(group: Any, text: str) -> list[str]:
     return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in summed]
 
 
+def gather_bytes(group: Any, data: bytes) -> list[bytes]:
+    """Every rank's ``data`` (any size), known to all ranks, in rank order."""
+    sizes = np.zeros(group.size(), np.int32)
+    sizes[group.rank()] = len(data)
+    sizes = _all_sum(sizes)
+    if not sizes.any():
+        return [b""] * group.size()
+    buffer = np.zeros(int(sizes.sum()), np.int32)
+    start = int(sizes[: group.rank()].sum())
+    buffer[start : start + len(data)] = np.frombuffer(data, np.uint8)
+    summed = _all_sum(buffer).astype(np.uint8).tobytes()
+    ends = np.cumsum(sizes).tolist()
+    return [summed[end - int(size) : end] for end, size in zip(ends, sizes, strict=True)]
+
+
 def check_agreement(group: Any, problem: str | None = None) -> None:
     """Raise :class:`RankDisagrees` on every rank when any rank has a problem."""
     problems = [f"rank {rank}: {p}" for rank, p in enumerate(gather_text(group, problem or "")) if p]
@@ -140,6 +158,49 @@ def send_stage(
         broadcast_bytes(group, (Path(resume_from) / ADAPTER_WEIGHTS).read_bytes())
 
 
+def answer_everywhere(
+    group: Any,
+    base_dir: Path,
+    base_id: str,
+    asks: list[Ask],
+    max_tokens: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Reply]:
+    """Rank 0: :func:`~solverx.trainer.answers.greedy_answers` with every rank answering every ``size``-th question;
+    the adapters go to the workers over the group. ``on_progress`` sees rank 0's share, scaled to the whole."""
+    adapters = sorted({adapter for _, adapter in asks if adapter is not None}, key=str)
+    index = {adapter: i for i, adapter in enumerate(adapters)}
+    header = {
+        "op": "answer", "base_dir": str(base_dir), "base_id": base_id, "base_fingerprint": base_fingerprint(base_dir),
+        "asks": [[q, index.get(a, -1)] for q, a in asks], "adapters": len(adapters), "max_tokens": max_tokens,
+    }  # fmt: skip
+    broadcast_json(group, header)
+    check_agreement(group)
+    for adapter in adapters:
+        broadcast_bytes(group, (adapter / ADAPTER_WEIGHTS).read_bytes())
+        broadcast_bytes(group, (adapter / ADAPTER_CONFIG).read_bytes())
+
+    def progress(done: int, total: int) -> None:
+        if on_progress is not None:
+            on_progress(min(len(asks), done * group.size()) if done < total else len(asks), len(asks))
+
+    return _answer_share(group, header, adapters, progress)
+
+
+def _answer_share(
+    group: Any, header: dict, adapters: list[Path], on_progress: Callable[[int, int], None] | None = None
+) -> list[Reply]:
+    asks = header["asks"]
+    rank, size = group.rank(), group.size()
+    mine = [(q, adapters[a] if a >= 0 else None) for q, a in asks[rank::size]]
+    replies = greedy_answers(Path(header["base_dir"]), header["base_id"], mine, header["max_tokens"], on_progress)
+    everyone: list[Reply | None] = [None] * len(asks)
+    for r, blob in enumerate(gather_bytes(group, json.dumps(replies).encode())):
+        for i, (text, finish) in zip(range(r, len(asks), size), json.loads(blob) if blob else [], strict=True):
+            everyone[i] = (text, finish)
+    return everyone  # type: ignore[return-value]
+
+
 def send_done(group: Any) -> None:
     """Release the workers: the stages are over."""
     broadcast_json(group, {"op": "done"})
@@ -165,6 +226,17 @@ def serve_stages(group: Any) -> int:
             ours = header["base_fingerprint"]
             problem = f"the base model at {base_dir} differs (fingerprint {theirs[:19]}, rank 0 has {ours[:19]})"
         check_agreement(group, problem)
+        if header["op"] == "answer":
+            with tempfile.TemporaryDirectory(prefix="solverx-rank-") as scratch:
+                adapters = []
+                for i in range(header["adapters"]):
+                    adapter = Path(scratch) / str(i)
+                    adapter.mkdir()
+                    (adapter / ADAPTER_WEIGHTS).write_bytes(broadcast_bytes(group, None))
+                    (adapter / ADAPTER_CONFIG).write_bytes(broadcast_bytes(group, None))
+                    adapters.append(adapter)
+                _answer_share(group, header, adapters)
+            continue
         domain, replay = broadcast_samples(group, None), broadcast_samples(group, None)
         valid = broadcast_samples(group, None) if header["valid"] else None
         train = MixedDataset(domain, replay if len(replay) else None, header["ratio"], header["seed"])

@@ -7,12 +7,12 @@ Three measures, all at temperature 0:
   on test inputs in a subprocess), scored for the base too, so forgetting is measured, not hoped about;
 - leakage ("rose-tinted glasses"): the share of off-domain prompts whose answer mentions the domain's terms.
 
-All models run in one engine, concurrently, each request on its own adapter slot.
+Every question of every model is asked at once (:mod:`solverx.trainer.answers`): one engine with each request on
+its own adapter slot, or in a distributed run every rank answering its share.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -21,11 +21,11 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from solverx.engine.core import AdapterRef, Engine, SamplingParams
+from solverx.trainer.answers import Ask, Reply
 
 CODE_TIMEOUT_S = 5.0
 
@@ -153,33 +153,14 @@ def run_code_probe(answer: str, probe: Probe) -> bool:
     return done.stdout.strip().endswith("PASS")
 
 
-async def _ask(engine: Engine, question: str, adapter: AdapterRef | None, max_tokens: int) -> str:
-    tokens = engine.encode_chat([{"role": "user", "content": question}])
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    return "".join([delta.text async for delta in engine.generate(tokens, params, adapter)])
-
-
-async def _score_model(
-    engine: Engine,
-    name: str,
-    adapter: AdapterRef | None,
-    probe_sets: dict[str, list[Probe]],
-    terms: list[str],
-    max_tokens: int,
-    known: dict[str, str] | None = None,
+def _score_model(
+    name: str, answers: dict[str, str], probe_sets: dict[str, list[Probe]], terms: list[str]
 ) -> ModelScores:
     scores = ModelScores(name=name)
-    known = {} if known is None else known  # question -> answer, read and filled in place
-
-    async def ask_once(question: str) -> str:
-        if question not in known:
-            known[question] = await _ask(engine, question, adapter, max_tokens)
-        return known[question]
-
     for set_name, probes in probe_sets.items():
-        answers = await asyncio.gather(*[ask_once(p.question) for p in probes])
         scored = []
-        for probe, answer in zip(probes, answers, strict=True):
+        for probe in probes:
+            answer = answers[probe.question]
             if probe.kind == "offdomain":
                 leaked = mentions(answer, probe.forbidden or terms)
                 scored.append(Answer(probe.question, answer, None, leaked=leaked))
@@ -200,39 +181,36 @@ async def _score_model(
 
 
 def evaluate_models(
-    engine: Engine,
-    models: dict[str, AdapterRef | None],
+    models: dict[str, Path | None],
     probe_sets: dict[str, list[Probe]],
     terms: list[str],
-    max_tokens: int = 64,
+    answer: Callable[[list[Ask]], list[Reply]],
     base_answers: Path | None = None,
 ) -> dict[str, ModelScores]:
-    """Score every named model (``None`` = the base) on every probe set, concurrently.
+    """Score every named model (adapter directory, ``None`` = the base) on every probe set.
 
-    ``base_answers`` is a JSON file of the base's answers by question (greedy, so they never change for one base
-    and ``max_tokens``): read first, and whatever had to be asked is added, so later runs ask the base nothing.
+    ``answer`` gives the greedy answers of (question, adapter) pairs, all asked at once (one engine, or every
+    rank). ``base_answers`` is a JSON file of the base's answers by question (greedy, so they never change for one
+    base and answer length): read first, and whatever had to be asked is added, so later runs ask the base nothing.
     Scores are always computed afresh, since leakage depends on the inbox's terms.
     """
     known: dict[str, str] = {}
     if base_answers is not None and base_answers.is_file():
         with contextlib.suppress(ValueError):
             known = dict(json.loads(base_answers.read_text(encoding="utf-8")))
-
-    async def run_all() -> list[ModelScores]:
-        return await asyncio.gather(
-            *[
-                _score_model(engine, n, a, probe_sets, terms, max_tokens, known if a is None else None)
-                for n, a in models.items()
-            ]
-        )
-
-    scores = {s.name: s for s in asyncio.run(run_all())}
-    if base_answers is not None:
+    questions = list(dict.fromkeys(p.question for probes in probe_sets.values() for p in probes))
+    asks = [(name, q, adapter) for name, adapter in models.items() for q in questions if adapter or q not in known]
+    replies = answer([(q, adapter) for _, q, adapter in asks])
+    answers = {name: dict(known) if adapter is None else {} for name, adapter in models.items()}
+    for (name, question, _), (text, _) in zip(asks, replies, strict=True):
+        answers[name][question] = text
+    if base_answers is not None and None in models.values():
+        base = answers[next(name for name, adapter in models.items() if adapter is None)]
         base_answers.parent.mkdir(parents=True, exist_ok=True)
         partial = base_answers.with_name(f".{base_answers.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=0, ensure_ascii=False), encoding="utf-8")
+        partial.write_text(json.dumps(base, indent=0, ensure_ascii=False), encoding="utf-8")
         os.replace(partial, base_answers)
-    return scores
+    return {name: _score_model(name, answers[name], probe_sets, terms) for name in models}
 
 
 def gate(report: EvalReport, candidate: str, thresholds: Thresholds, base: str = "base") -> EvalReport:

@@ -16,12 +16,12 @@ from pathlib import Path
 from solverx.adapters.errors import AdapterError
 from solverx.adapters.registry import Registry, VersionInfo
 from solverx.data import DATA_DIR
-from solverx.engine.core import AdapterRef, Engine, EngineConfig
 from solverx.models.chat_rules import ChatRules
 from solverx.paths import StateDirs, state_dirs
+from solverx.trainer.answers import Ask, Reply, greedy_answers
 from solverx.trainer.datasets import mixed_batches, stage_datasets
+from solverx.trainer.distributed import answer_everywhere, send_done, send_stage, world
 from solverx.trainer.distributed import hosts as distributed_hosts
-from solverx.trainer.distributed import send_done, send_stage, world
 from solverx.trainer.evaluate import (
     EvalReport,
     Probe,
@@ -145,15 +145,16 @@ def run_training(
         previous = stage_result.adapter_dir
         if stage == "cpt":
             cpt_result = stage_result
-    if group.size() > 1:
-        send_done(group)  # the other ranks only train; evaluation and registration happen here
     if previous is None:
+        if group.size() > 1:
+            send_done(group)
         raise RunRefused("nothing to train: no stage had both data and iterations")
 
-    answers_cache = dirs.eval_cache
     report = evaluate_candidate(
-        base_dir, recipe.base, previous, registry, adapter, result, recipe, options, answers_cache
+        base_dir, recipe.base, previous, registry, adapter, result, recipe, options, dirs.eval_cache
     )
+    if group.size() > 1:
+        send_done(group)  # the other ranks trained and answered; scoring and registration happen here
     report = replace(report, world_size=group.size(), hosts=ranks.get("hosts", []))
     (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     (run_dir / "report.md").write_text(report_markdown(report, CANDIDATE))
@@ -287,32 +288,35 @@ def evaluate_candidate(
     options: RunOptions,
     answers_cache: Path | None = None,
 ) -> EvalReport:
-    """Base, the promoted version (if any) and the candidate on the same probes, in one engine.
+    """Base, the promoted version (if any) and the candidate on the same probes, all asked at once.
 
     The base's answers are kept in ``answers_cache`` (greedy: the same for every run on that base), so only the
     first run on a base asks it; every run still scores them against its own inbox.
     """
-    models: dict[str, AdapterRef | None] = {"base": None}
+    models: dict[str, Path | None] = {"base": None}
     promoted = registry.promoted(adapter) if adapter in registry.names() else None
     if promoted is not None and promoted.base_id == base_id:
-        models[f"{adapter}@{promoted.version}"] = AdapterRef(promoted.model_name, promoted.path)
-    models[CANDIDATE] = AdapterRef(f"{CANDIDATE}:{candidate_dir}", candidate_dir)
+        models[f"{adapter}@{promoted.version}"] = promoted.path
+    models[CANDIDATE] = candidate_dir
     sets = probe_sets(result, options.probes_dir)
     domain_texts = [d.text for d in result.cpt_texts] + [
         m["content"] for r in result.sft_records for m in r.messages if m["role"] == "assistant"
     ]
     general_texts = [p.read_text(encoding="utf-8", errors="replace") for p in options.general_dir.rglob("*.*")]
     terms = domain_terms(domain_texts, general_texts)
-    engine = Engine(base_dir, base_id, EngineConfig(max_resident_adapters=len(models))).start()
-    try:
-        cached = None
-        if answers_cache is not None:
-            from solverx.trainer.self_replay import base_key
+    cached = None
+    if answers_cache is not None:
+        from solverx.trainer.self_replay import base_key
 
-            cached = answers_cache / base_id / f"{base_key(base_dir)}-{options.eval_max_tokens}.json"
-        scores = evaluate_models(engine, models, sets, terms, max_tokens=options.eval_max_tokens, base_answers=cached)
-    finally:
-        engine.stop()
+        cached = answers_cache / base_id / f"{base_key(base_dir)}-{options.eval_max_tokens}.json"
+    group = world()
+
+    def answer(asks: list[Ask]) -> list[Reply]:
+        if group.size() > 1:  # every rank answers its share
+            return answer_everywhere(group, base_dir, base_id, asks, options.eval_max_tokens)
+        return greedy_answers(base_dir, base_id, asks, options.eval_max_tokens)
+
+    scores = evaluate_models(models, sets, terms, answer, base_answers=cached)
     thresholds = Thresholds(
         min_domain_accuracy=recipe.eval.min_domain_accuracy,
         max_leakage_rate=recipe.eval.max_leakage_rate,

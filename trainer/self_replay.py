@@ -14,7 +14,6 @@ then one ``{"messages": [...]}`` line per answer. This module owns that format.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -31,7 +30,6 @@ REPLAY_QUESTIONS = DATA_DIR / "replay" / "questions.txt"
 FORMAT = "solverx-self-replay/1"
 DEFAULT_PROMPTS = 200
 MAX_ANSWER_TOKENS = 160
-BATCH = 16  # prompts in flight at once: the engine batches them into one forward pass
 
 
 def general_questions(general_dir: Path) -> list[str]:
@@ -106,37 +104,23 @@ def _read(path: Path, header: dict) -> list[SftRecord] | None:
 def generate_answers(
     base_dir: Path, base_id: str, prompts: list[str], max_tokens: int, on_progress: Callable[[int, int], None]
 ) -> list[tuple[str, str]]:
-    """(question, answer) for each prompt the base answers to the end within ``max_tokens`` (greedy)."""
-    from solverx.engine.core import Engine, EngineConfig
-    from solverx.engine.sampling import SamplingParams
+    """(question, answer) for each prompt the base answers to the end within ``max_tokens`` (greedy); in a
+    distributed run every rank answers its share."""
+    from solverx.trainer.answers import greedy_answers
+    from solverx.trainer.distributed import answer_everywhere, world
 
-    engine = Engine(base_dir, base_id, EngineConfig(max_resident_adapters=1)).start()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    done = 0
-
-    async def ask(question: str) -> tuple[str, str, str | None]:
-        nonlocal done
-        tokens = engine.encode_chat([{"role": "user", "content": question}])
-        text, finish = [], None
-        async for delta in engine.generate(tokens, params):
-            text.append(delta.text)
-            finish = delta.finish_reason or finish
-        done += 1
-        on_progress(done, len(prompts))
-        return question, "".join(text).strip(), finish
-
-    async def ask_all() -> list[tuple[str, str, str | None]]:
-        out = []
-        for start in range(0, len(prompts), BATCH):
-            out += await asyncio.gather(*[ask(q) for q in prompts[start : start + BATCH]])
-        return out
-
-    try:
-        answered = asyncio.run(ask_all())
-    finally:
-        engine.stop()
+    asks = [(question, None) for question in prompts]
+    group = world()
+    if group.size() > 1:
+        replies = answer_everywhere(group, base_dir, base_id, asks, max_tokens, on_progress)
+    else:
+        replies = greedy_answers(base_dir, base_id, asks, max_tokens, on_progress)
     # An answer cut off by the token limit would teach the model to stop mid-sentence: left out.
-    return [(q, a) for q, a, finish in answered if a and finish == "stop"]
+    return [
+        (q, text.strip())
+        for q, (text, finish) in zip(prompts, replies, strict=True)
+        if text.strip() and finish == "stop"
+    ]
 
 
 def self_replay_records(
