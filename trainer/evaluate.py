@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -153,8 +154,23 @@ def run_code_probe(answer: str, probe: Probe) -> bool:
     return done.stdout.strip().endswith("PASS")
 
 
+def _run_code_probes(answers: dict[str, dict[str, str]], probe_sets: dict[str, list[Probe]]) -> dict[tuple, bool]:
+    """Every model's code answers run at once (each in its own Python; the same answer to the same probe once)."""
+    jobs = {(a[p.question], p.question): p for a in answers.values() for ps in probe_sets.values() for p in ps
+            if p.kind == "code"}  # fmt: skip
+    if not jobs:
+        return {}
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        verdicts = {key: pool.submit(run_code_probe, key[0], probe) for key, probe in jobs.items()}
+        return {key: future.result() for key, future in verdicts.items()}
+
+
 def _score_model(
-    name: str, answers: dict[str, str], probe_sets: dict[str, list[Probe]], terms: list[str]
+    name: str,
+    answers: dict[str, str],
+    probe_sets: dict[str, list[Probe]],
+    terms: list[str],
+    code_verdicts: dict[tuple, bool],
 ) -> ModelScores:
     scores = ModelScores(name=name)
     for set_name, probes in probe_sets.items():
@@ -165,7 +181,7 @@ def _score_model(
                 leaked = mentions(answer, probe.forbidden or terms)
                 scored.append(Answer(probe.question, answer, None, leaked=leaked))
             elif probe.kind == "code":
-                scored.append(Answer(probe.question, answer, run_code_probe(answer, probe)))
+                scored.append(Answer(probe.question, answer, code_verdicts[answer, probe.question]))
             else:
                 scored.append(Answer(probe.question, answer, contains_expected(answer, probe.expected)))
         scores.answers[set_name] = scored
@@ -210,7 +226,8 @@ def evaluate_models(
         partial = base_answers.with_name(f".{base_answers.name}.{os.getpid()}.partial")
         partial.write_text(json.dumps(base, indent=0, ensure_ascii=False), encoding="utf-8")
         os.replace(partial, base_answers)
-    return {name: _score_model(name, answers[name], probe_sets, terms) for name in models}
+    verdicts = _run_code_probes(answers, probe_sets)
+    return {name: _score_model(name, answers[name], probe_sets, terms, verdicts) for name in models}
 
 
 def gate(report: EvalReport, candidate: str, thresholds: Thresholds, base: str = "base") -> EvalReport:
