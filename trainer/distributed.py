@@ -167,7 +167,10 @@ def answer_everywhere(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Reply]:
     """Rank 0: :func:`~solverx.trainer.answers.greedy_answers` with every rank answering every ``size``-th question;
-    the adapters go to the workers over the group. ``on_progress`` sees rank 0's share, scaled to the whole."""
+    the adapters go to the workers over the group. ``on_progress`` sees rank 0's share, scaled to the whole. In a
+    group of one, this process answers them all."""
+    if group.size() == 1:
+        return greedy_answers(base_dir, base_id, asks, max_tokens, on_progress)
     adapters = sorted({adapter for _, adapter in asks if adapter is not None}, key=str)
     index = {adapter: i for i, adapter in enumerate(adapters)}
     header = {

@@ -18,7 +18,7 @@ from solverx.adapters.registry import Registry, VersionInfo
 from solverx.data import DATA_DIR
 from solverx.models.chat_rules import ChatRules
 from solverx.paths import StateDirs, state_dirs
-from solverx.trainer.answers import Ask, Reply, greedy_answers
+from solverx.trainer.answers import Ask, Reply
 from solverx.trainer.datasets import mixed_batches, stage_datasets
 from solverx.trainer.distributed import answer_everywhere, send_done, send_stage, world
 from solverx.trainer.distributed import hosts as distributed_hosts
@@ -309,12 +309,9 @@ def evaluate_candidate(
         from solverx.trainer.self_replay import base_key
 
         cached = answers_cache / base_id / f"{base_key(base_dir)}-{options.eval_max_tokens}.json"
-    group = world()
 
-    def answer(asks: list[Ask]) -> list[Reply]:
-        if group.size() > 1:  # every rank answers its share
-            return answer_everywhere(group, base_dir, base_id, asks, options.eval_max_tokens)
-        return greedy_answers(base_dir, base_id, asks, options.eval_max_tokens)
+    def answer(asks: list[Ask]) -> list[Reply]:  # in a distributed run every rank answers its share
+        return answer_everywhere(world(), base_dir, base_id, asks, options.eval_max_tokens)
 
     scores = evaluate_models(models, sets, terms, answer, base_answers=cached)
     thresholds = Thresholds(
