@@ -25,6 +25,7 @@ from mlx_lm.tuner.trainer import train as mlx_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from solverx.trainer.loss import loss_for
 from solverx.trainer.recipe import LoraSettings
 
 
@@ -151,6 +152,7 @@ def train_stage(
         adapter_file=str(out_dir / ADAPTER_WEIGHTS),
     )
     vocab_size = getattr(getattr(model, "args", None), "vocab_size", 0)
+    loss, batches = loss_for(model, batches)
     started = time.perf_counter()
     mlx_train(
         model,
@@ -158,6 +160,7 @@ def train_stage(
         train_set,
         valid_set if valid_set else None,
         args=args,
+        loss=loss,
         iterate_batches=batches,
         training_callback=_Reporter(stage, settings.iters, result, on_progress, on_warning, vocab_size, on_validation),
     )
