@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from solverx import blas
 from solverx.blas import threads_each
 from solverx.data import DATA_DIR
 from solverx.models.builtin import SMOLLM_BASE_ID
@@ -201,6 +202,21 @@ def warm_self_replay(
     say(f"self replay: {len(records)} answers cached")
 
 
+def warm_base_answers(dirs: StateDirs, base_dir: Path, base_id: str, say: Callable[[str], None]) -> None:
+    """The base's answers to every probe the runs will ask it, into the trainer's cache now: runs that evaluate at
+    about the same time would each ask them (115 questions; ~1 min of a core each on the real base)."""
+    from solverx.trainer import run as trainer_run
+    from solverx.trainer.validate import parse_eval_line
+
+    lines = (SAMPLE_INBOX / EVAL_FILE).read_text(encoding="utf-8").splitlines()
+    items = [parse_eval_line(line, EVAL_FILE) for line in lines if line.strip()]
+    started = time.perf_counter()
+    asked = trainer_run.warm_base_answers(base_dir, base_id, items, trainer_run.RunOptions(), dirs.eval_cache)
+    if asked:
+        seconds = time.perf_counter() - started
+        say(f"evaluation: {base_id} answered the {asked} probes once, for every run  [{seconds:.0f} s]")
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -348,11 +364,13 @@ def run_demo(
         by_length = sorted(specs, key=lambda item: "sft" not in item[1].stages)
         first = [(i, spec) for i, spec in by_length if not uses_self_replay(spec, settings)]
         rest = [(i, spec) for i, spec in by_length if uses_self_replay(spec, settings)]
-        with ThreadPoolExecutor(parallel, thread_name_prefix="demo-run") as pool:
+        # The base's eval answers are warmed the same way, while the runs train (their evaluation is minutes away).
+        with ThreadPoolExecutor(parallel, thread_name_prefix="demo-run") as pool, blas.threads(blas_threads(parallel)):
             futures = [pool.submit(run, i, spec) for i, spec in first]
             if rest:
                 warm_self_replay(dirs, base_dir, base_id, settings, say)
             futures += [pool.submit(run, i, spec) for i, spec in rest]
+            warm_base_answers(dirs, base_dir, base_id, say)
             for future in futures:
                 future.result()
     main_recipe = recipes[variants[0].suffix]

@@ -36,7 +36,14 @@ from solverx.trainer.inbox import InboxChanged, copy_snapshot, snapshot
 from solverx.trainer.recipe import Recipe, recipe_defaults
 from solverx.trainer.runlog import RunLog
 from solverx.trainer.train import Progress, StageResult, StageSettings, train_stage
-from solverx.trainer.validate import IngestResult, SftRecord, format_ingest_report, ingest, quarantine_dir_for
+from solverx.trainer.validate import (
+    EvalItem,
+    IngestResult,
+    SftRecord,
+    format_ingest_report,
+    ingest,
+    quarantine_dir_for,
+)
 
 GENERAL_DIR = DATA_DIR / "general"
 PROBES_DIR = DATA_DIR / "probes"
@@ -277,6 +284,40 @@ def probe_sets(result: IngestResult, probes_dir: Path) -> dict[str, list[Probe]]
     return {name: probes for name, probes in sets.items() if probes}
 
 
+def base_answers_path(answers_cache: Path, base_id: str, base_dir: Path, options: RunOptions) -> Path:
+    """Where the base's greedy eval answers are kept: one file per base (weights and template) and answer length."""
+    from solverx.trainer.self_replay import base_key
+
+    return answers_cache / base_id / f"{base_key(base_dir)}-{options.eval_max_tokens}.json"
+
+
+def _answerer(base_dir: Path, base_id: str, options: RunOptions) -> Callable[[list[Ask]], list[Reply]]:
+    def answer(asks: list[Ask]) -> list[Reply]:  # in a distributed run every rank answers its share
+        return answer_everywhere(world(), base_dir, base_id, asks, options.eval_max_tokens)
+
+    return answer
+
+
+def warm_base_answers(
+    base_dir: Path, base_id: str, eval_items: list[EvalItem], options: RunOptions, answers_cache: Path
+) -> int:
+    """Ask the base, now, every probe a run with ``eval_items`` would ask it, into the cache its evaluation reads.
+
+    Runs started together on one base would each ask the base the same questions (the first to finish writes the
+    cache); the demo warms it once instead. Returns how many questions had to be asked.
+    """
+    path = base_answers_path(answers_cache, base_id, base_dir, options)
+    sets = probe_sets(IngestResult(eval_items=list(eval_items)), options.probes_dir)
+    asked: list[int] = []
+
+    def answer(asks: list[Ask]) -> list[Reply]:
+        asked.append(len(asks))
+        return _answerer(base_dir, base_id, options)(asks)
+
+    evaluate_models({"base": None}, sets, [], answer, base_answers=path)
+    return sum(asked)
+
+
 def evaluate_candidate(
     base_dir: Path,
     base_id: str,
@@ -304,16 +345,8 @@ def evaluate_candidate(
     ]
     general_texts = [p.read_text(encoding="utf-8", errors="replace") for p in options.general_dir.rglob("*.*")]
     terms = domain_terms(domain_texts, general_texts)
-    cached = None
-    if answers_cache is not None:
-        from solverx.trainer.self_replay import base_key
-
-        cached = answers_cache / base_id / f"{base_key(base_dir)}-{options.eval_max_tokens}.json"
-
-    def answer(asks: list[Ask]) -> list[Reply]:  # in a distributed run every rank answers its share
-        return answer_everywhere(world(), base_dir, base_id, asks, options.eval_max_tokens)
-
-    scores = evaluate_models(models, sets, terms, answer, base_answers=cached)
+    cached = None if answers_cache is None else base_answers_path(answers_cache, base_id, base_dir, options)
+    scores = evaluate_models(models, sets, terms, _answerer(base_dir, base_id, options), base_answers=cached)
     thresholds = Thresholds(
         min_domain_accuracy=recipe.eval.min_domain_accuracy,
         max_leakage_rate=recipe.eval.max_leakage_rate,
