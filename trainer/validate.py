@@ -23,6 +23,9 @@ Accepted files (suffixes are case-insensitive):
 
   ``expected``/``forbidden`` may be one string or a list of strings; ``"id"`` is allowed; other keys are errors.
 - ``recipe.toml`` at the top of the adapter folder — training settings, see :mod:`solverx.trainer.recipe`.
+- ``*.ttl`` (RDF Turtle), ``*.jsonld`` (JSON-LD) and ``*.csv`` (``subject,predicate,object`` triples) — an
+  ontology: not trained on, it adds entities, aliases and relations to the version's fact graph
+  (:mod:`solverx.trainer.ontology`). One that does not parse is quarantined with the parser's words.
 
 Rejected (copied to ``<quarantine_dir>/<path>`` with ``<path>.reason`` beside it; the inbox is never touched):
 unknown file types, empty files, binary files, text that is not UTF-8, files over :data:`MAX_FILE_BYTES` (not
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from solverx.trainer.inbox import MAX_FILE_BYTES, InboxSnapshot
+from solverx.trainer.ontology import ONTOLOGY_SUFFIXES, Ontology, OntologyError, parse_ontology
 from solverx.trainer.recipe import RECIPE_FILE, Recipe, RecipeError, load_recipe
 
 MAX_LINE_BYTES = 64 * 1024
@@ -56,7 +60,7 @@ JSONL_SUFFIX = ".jsonl"
 EVAL_FILE = "eval.jsonl"
 EVAL_KINDS = ("domain", "retention", "leakage")
 ROLES = ("system", "user", "assistant")
-ACCEPTED_HINT = "accepted: .txt, .md, .jsonl, eval.jsonl, recipe.toml"
+ACCEPTED_HINT = "accepted: .txt, .md, .jsonl, eval.jsonl, recipe.toml, and ontologies: .ttl, .jsonld, .csv"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class EvalItem:
 @dataclass(frozen=True)
 class AcceptedFile:
     path: str
-    kind: str  # "cpt", "sft", "eval" or "recipe"
+    kind: str  # "cpt", "sft", "eval", "ontology" or "recipe"
     items: int  # documents, records, eval items (1 for a recipe); characters are in ``chars``
     chars: int = 0
 
@@ -110,6 +114,7 @@ class IngestResult:
     cpt_texts: list[TextDoc] = field(default_factory=list)
     sft_records: list[SftRecord] = field(default_factory=list)
     eval_items: list[EvalItem] = field(default_factory=list)
+    ontologies: list[Ontology] = field(default_factory=list)
     recipe: Recipe | None = None
     quarantined: list[QuarantinedFile] = field(default_factory=list)
     accepted: list[AcceptedFile] = field(default_factory=list)
@@ -129,6 +134,11 @@ class IngestResult:
             "eval": sorted(json.dumps(asdict(e) | {"source": ""}, ensure_ascii=False) for e in self.eval_items),
             "recipe": self.recipe.to_dict() if self.recipe else None,
         }
+        if self.ontologies:  # only then, so an inbox without one keeps the hash it had before ontologies existed
+            payload["ontology"] = sorted(
+                json.dumps([o.names, [asdict(s) for s in o.statements]], sort_keys=True, ensure_ascii=False)
+                for o in self.ontologies
+            )
         return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -183,7 +193,7 @@ def ingest(
                 recipe, recipe_problem = None, str(exc)
                 reject(rel, f"invalid recipe, so the run was refused (defaults are not used instead):\n{exc}")
             continue
-        if suffix not in (*TEXT_SUFFIXES, JSONL_SUFFIX):
+        if suffix not in (*TEXT_SUFFIXES, JSONL_SUFFIX, *ONTOLOGY_SUFFIXES):
             reject(rel, f"unknown file type {suffix or '(no extension)'!r} ({ACCEPTED_HINT})")
             continue
 
@@ -195,6 +205,15 @@ def ingest(
         if suffix in TEXT_SUFFIXES:
             result.cpt_texts.append(TextDoc(rel, text))
             result.accepted.append(AcceptedFile(rel, "cpt", 1, len(text)))
+            continue
+        if suffix in ONTOLOGY_SUFFIXES:
+            try:
+                ontology = parse_ontology(text, suffix, rel)
+            except OntologyError as exc:
+                reject(rel, f"ontology not used: {exc}")
+                continue
+            result.ontologies.append(ontology)
+            result.accepted.append(AcceptedFile(rel, "ontology", len(ontology.statements)))
             continue
 
         is_eval = name.lower() == EVAL_FILE
@@ -257,6 +276,7 @@ def format_ingest_report(result: IngestResult) -> str:
             "cpt": f"knowledge text (CPT), {a.chars:,} characters" if a.items == 1 else f"{a.items} texts (CPT)",
             "sft": f"{a.items} Q&A/chat records (SFT)",
             "eval": f"{a.items} eval questions (held out)",
+            "ontology": f"ontology, {a.items} statements (fact graph)",
             "recipe": "training recipe",
         }[a.kind]
         if a.path in partial:
