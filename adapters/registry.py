@@ -6,7 +6,8 @@ This is the only code that writes under ``<state>/adapters/``. Layout::
     .generation           a counter bumped by every change; the server polls it to hot-swap
     .tmp/                 versions being written and versions being deleted; readers never look here
     <name>/state.json     live state: promoted version, promotion history, status changes, last version number
-    <name>/<N>/           adapters.safetensors, adapter_config.json (as mlx-lm writes them), manifest.json
+    <name>/<N>/           adapters.safetensors, adapter_config.json (as mlx-lm writes them), manifest.json,
+                          and facts.sqlite when the trainer built a fact graph (format: solverx.adapters.facts)
 
 A version directory is written whole in ``.tmp/``, fsynced and renamed into place, and never modified
 afterwards (versions are never updated in place: the stale-output bugs of vLLM #42125 and mlx-lm #229 cannot
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from solverx.adapters.errors import AdapterConflict, AdapterNotFound, InvalidAdapter, VersionNotFound
+from solverx.adapters.facts import FACTS_FILE, FactsError, FactStore
 from solverx.adapters.names import NAME_PATTERN, format_model_name, validate_name
 from solverx.adapters.validate import (
     ADAPTER_CONFIG,
@@ -242,6 +244,9 @@ class Registry:
                     if not (source_dir / filename).is_file():
                         raise InvalidAdapter(f"{source_dir}: {filename} is missing")
                     sha256[filename] = _copy_file(source_dir / filename, tmp / filename)
+                facts = None
+                if (source_dir / FACTS_FILE).is_file():
+                    facts = {"sha256": _copy_file(source_dir / FACTS_FILE, tmp / FACTS_FILE), **_fact_counts(tmp)}
                 summary = validate_adapter(tmp, base_dir, expected_fingerprint=expected_fingerprint)
                 manifest = {
                     "format": 1,
@@ -265,6 +270,7 @@ class Registry:
                     "num_params": summary.num_params,
                     "size_bytes": summary.size_bytes,
                     "weights_sha256": sha256[ADAPTER_WEIGHTS],
+                    "facts": facts,
                 }
                 _write_file(tmp / MANIFEST, _dumps(manifest))
                 _fsync_dir(tmp)
@@ -463,6 +469,16 @@ class Registry:
             size_bytes=manifest["size_bytes"],
             weights_sha256=manifest["weights_sha256"],
         )
+
+
+def _fact_counts(version_dir: Path) -> dict[str, int]:
+    """A copied fact graph's counts for the manifest; a file that is not one refuses the version."""
+    try:
+        store = FactStore(version_dir / FACTS_FILE)
+    except FactsError as exc:
+        raise InvalidAdapter(str(exc)) from exc
+    store.close()
+    return store.counts
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

@@ -287,8 +287,8 @@ def test_every_recipe_setting_has_help_and_the_readme_shows_the_real_base_refere
     from solverx.trainer.recipe import parse_recipe, recipe_defaults, recipe_reference
 
     recipe = recipe_defaults(SMOLLM_BASE_ID)
-    for obj in (recipe, recipe.lora, recipe.train, recipe.eval, recipe.identity):
-        tables = ("lora", "train", "eval", "identity")
+    for obj in (recipe, recipe.lora, recipe.train, recipe.eval, recipe.identity, recipe.grounding):
+        tables = ("lora", "train", "eval", "identity", "grounding")
         assert all(f.metadata.get("help") for f in dataclasses.fields(obj) if f.name not in tables), obj
     reference = recipe_reference(recipe)
     assert parse_recipe(reference) == recipe  # the reference is a recipe, and it means exactly the defaults

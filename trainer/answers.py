@@ -11,9 +11,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
-Ask = tuple[str, Path | None]  # a question, and the adapter directory that answers it (None: the base)
+
+class Ask(NamedTuple):
+    """A question, the adapter directory that answers it (None: the base), and facts to give it first."""
+
+    question: str
+    adapter: Path | None = None
+    context: str | None = None  # a system turn before the question (grounding); None: the question alone
+
+
 Reply = tuple[str, str | None]  # the answer's text, and why it ended ("stop", "length")
+
+
+def messages_for(ask: Ask) -> list[dict[str, str]]:
+    """The chat an ask is: its context as a system turn (folded by the model's chat rules where it has none)."""
+    system = [{"role": "system", "content": ask.context}] if ask.context else []
+    return [*system, {"role": "user", "content": ask.question}]
 
 
 def greedy_answers(
@@ -29,18 +44,19 @@ def greedy_answers(
 
     if not asks:
         return []
-    adapters = sorted({adapter for _, adapter in asks if adapter is not None}, key=str)
+    asks = [Ask(*ask) for ask in asks]
+    adapters = sorted({ask.adapter for ask in asks if ask.adapter is not None}, key=str)
     refs = {adapter: AdapterRef(f"answers:{adapter}", adapter) for adapter in adapters}
     engine = Engine(base_dir, base_id, EngineConfig(max_resident_adapters=max(1, len(adapters)))).start()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     done = 0
 
-    async def answer(question: str, adapter: Path | None, room: asyncio.Semaphore) -> Reply:
+    async def answer(ask: Ask, room: asyncio.Semaphore) -> Reply:
         nonlocal done
         async with room:
-            tokens = engine.encode_chat([{"role": "user", "content": question}])
+            tokens = engine.encode_chat(messages_for(ask))
             text, finish = [], None
-            async for delta in engine.generate(tokens, params, refs.get(adapter)):
+            async for delta in engine.generate(tokens, params, refs.get(ask.adapter)):
                 text.append(delta.text)
                 finish = delta.finish_reason or finish
         done += 1
@@ -50,7 +66,7 @@ def greedy_answers(
 
     async def answer_all() -> list[Reply]:
         room = asyncio.Semaphore(engine.config.max_batch)
-        return list(await asyncio.gather(*[answer(q, a, room) for q, a in asks]))
+        return list(await asyncio.gather(*[answer(ask, room) for ask in asks]))
 
     try:
         return asyncio.run(answer_all())

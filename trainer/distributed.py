@@ -171,11 +171,13 @@ def answer_everywhere(
     group of one, this process answers them all."""
     if group.size() == 1:
         return greedy_answers(base_dir, base_id, asks, max_tokens, on_progress)
-    adapters = sorted({adapter for _, adapter in asks if adapter is not None}, key=str)
+    asks = [Ask(*ask) for ask in asks]
+    adapters = sorted({ask.adapter for ask in asks if ask.adapter is not None}, key=str)
     index = {adapter: i for i, adapter in enumerate(adapters)}
     header = {
         "op": "answer", "base_dir": str(base_dir), "base_id": base_id, "base_fingerprint": base_fingerprint(base_dir),
-        "asks": [[q, index.get(a, -1)] for q, a in asks], "adapters": len(adapters), "max_tokens": max_tokens,
+        "asks": [[a.question, index.get(a.adapter, -1), a.context] for a in asks], "adapters": len(adapters),
+        "max_tokens": max_tokens,
     }  # fmt: skip
     broadcast_json(group, header)
     check_agreement(group)
@@ -195,7 +197,7 @@ def _answer_share(
 ) -> list[Reply]:
     asks = header["asks"]
     rank, size = group.rank(), group.size()
-    mine = [(q, adapters[a] if a >= 0 else None) for q, a in asks[rank::size]]
+    mine = [Ask(q, adapters[a] if a >= 0 else None, context) for q, a, context in asks[rank::size]]
     replies = greedy_answers(Path(header["base_dir"]), header["base_id"], mine, header["max_tokens"], on_progress)
     everyone: list[Reply | None] = [None] * len(asks)
     for r, blob in enumerate(gather_bytes(group, json.dumps(replies).encode())):

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from solverx.adapters.names import GROUNDED_SUFFIX
 from solverx.trainer.answers import Ask, Reply
 
 CODE_TIMEOUT_S = 5.0
@@ -66,6 +67,7 @@ class Answer:
     answer: str
     correct: bool | None  # None for off-domain probes
     leaked: bool = False
+    context: str | None = None  # the facts a grounded model was given first (None: none were retrieved)
 
 
 @dataclass
@@ -97,6 +99,10 @@ class Thresholds:
     min_domain_accuracy: float = 0.5
     max_leakage_rate: float = 0.25
     max_retention_drop: float = 0.15  # candidate retention may trail the base's by at most this much
+    max_grounded_leakage_increase: float = 0.0  # with grounding evaluated: how much it may raise the leakage rate
+
+
+GROUNDED = GROUNDED_SUFFIX  # a model evaluated with its fact graph: "candidate+facts", "base+facts"
 
 
 def domain_terms(domain_texts: Iterable[str], general_texts: Iterable[str], limit: int = 20) -> list[str]:
@@ -202,32 +208,45 @@ def evaluate_models(
     terms: list[str],
     answer: Callable[[list[Ask]], list[Reply]],
     base_answers: Path | None = None,
+    grounding: dict[str, Callable[[str], str | None]] | None = None,
 ) -> dict[str, ModelScores]:
     """Score every named model (adapter directory, ``None`` = the base) on every probe set.
 
-    ``answer`` gives the greedy answers of (question, adapter) pairs, all asked at once (one engine, or every
-    rank). ``base_answers`` is a JSON file of the base's answers by question (greedy, so they never change for one
-    base and answer length): read first, and whatever had to be asked is added, so later runs ask the base nothing.
-    Scores are always computed afresh, since leakage depends on the inbox's terms.
+    ``answer`` gives the greedy answers of (question, adapter, context) asks, all asked at once (one engine, or
+    every rank). ``base_answers`` is a JSON file of the base's answers by question (greedy, so they never change
+    for one base and answer length): read first, and whatever had to be asked is added, so later runs ask the base
+    nothing. ``grounding`` gives some models a context per question (the facts retrieved for it); where it gives
+    none, the prompt is the plain question, so the answer is the one the same adapter gives without grounding and is
+    asked once. Scores are always computed afresh, since leakage depends on the inbox's terms.
     """
     known: dict[str, str] = {}
     if base_answers is not None and base_answers.is_file():
         with contextlib.suppress(ValueError):
             known = dict(json.loads(base_answers.read_text(encoding="utf-8")))
     questions = list(dict.fromkeys(p.question for probes in probe_sets.values() for p in probes))
-    asks = [(name, q, adapter) for name, adapter in models.items() for q in questions if adapter or q not in known]
-    replies = answer([(q, adapter) for _, q, adapter in asks])
-    answers = {name: dict(known) if adapter is None else {} for name, adapter in models.items()}
-    for (name, question, _), (text, _) in zip(asks, replies, strict=True):
-        answers[name][question] = text
+    plan: dict[tuple[str, str], Ask] = {}
+    for name, adapter in models.items():
+        context_for = (grounding or {}).get(name)
+        for question in questions:
+            plan[name, question] = Ask(question, adapter, context_for(question) if context_for else None)
+    asks = list(dict.fromkeys(a for a in plan.values() if a.adapter or a.context or a.question not in known))
+    replies = dict(zip(asks, [text for text, _ in answer(asks)], strict=True))
+    answers = {
+        name: {q: replies[plan[name, q]] if plan[name, q] in replies else known[q] for q in questions}
+        for name in models
+    }
     if base_answers is not None and None in models.values():
-        base = answers[next(name for name, adapter in models.items() if adapter is None)]
+        base = known | {q: replies[Ask(q)] for q in questions if Ask(q) in replies}
         base_answers.parent.mkdir(parents=True, exist_ok=True)
         partial = base_answers.with_name(f".{base_answers.name}.{os.getpid()}.partial")
         partial.write_text(json.dumps(base, indent=0, ensure_ascii=False), encoding="utf-8")
         os.replace(partial, base_answers)
     verdicts = _run_code_probes(answers, probe_sets)
-    return {name: _score_model(name, answers[name], probe_sets, terms, verdicts) for name in models}
+    scores = {name: _score_model(name, answers[name], probe_sets, terms, verdicts) for name in models}
+    for name in grounding or {}:
+        for answered in (a for answers_of_set in scores[name].answers.values() for a in answers_of_set):
+            answered.context = plan[name, answered.question].context
+    return scores
 
 
 def gate(report: EvalReport, candidate: str, thresholds: Thresholds, base: str = "base") -> EvalReport:
@@ -246,6 +265,18 @@ def gate(report: EvalReport, candidate: str, thresholds: Thresholds, base: str =
         reasons.append(
             f"general retention {cand.retention:.0%} fell more than {thresholds.max_retention_drop:.0%} "
             f"below the base's {ref.retention:.0%}"
+        )
+    grounded = report.models.get(candidate + GROUNDED)
+    raised = (
+        grounded is not None
+        and grounded.leakage_rate is not None
+        and cand.leakage_rate is not None
+        and grounded.leakage_rate > cand.leakage_rate + thresholds.max_grounded_leakage_increase
+    )
+    if raised:
+        reasons.append(
+            f"grounding raised leakage to {grounded.leakage_rate:.0%} from {cand.leakage_rate:.0%} "
+            f"(allowed: +{thresholds.max_grounded_leakage_increase:.0%})"
         )
     report.passed = not reasons
     report.reasons = reasons

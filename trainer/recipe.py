@@ -79,6 +79,17 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class Grounding:
+    enabled: bool = _setting(False, "put the version's facts on the question's entities in the prompt (fact graph)")
+    top_k: int = _setting(3, "facts put in the prompt, best first")
+    min_score: float = _setting(0.6, "how fully a question must name a domain entity (1: a whole name) to add facts")
+    max_leakage_increase: float = _setting(0.0, "gate: grounding may raise the off-domain leakage rate this much")
+    aliases: dict[str, list[str]] = field(
+        default_factory=dict, metadata={"help": 'other names of an entity, e.g. {"SolverX" = ["솔버엑스"]}'}
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     base: str = _setting("solverx-tiny", "base model id (unset: the daemon's default base)")
     seed: int = _setting(0, "data order, splits and replay sampling")
@@ -86,6 +97,7 @@ class Recipe:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalGate = field(default_factory=EvalGate)
     identity: Identity = field(default_factory=Identity)
+    grounding: Grounding = field(default_factory=Grounding)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for run manifests and the registry."""
@@ -107,6 +119,7 @@ REAL_BASE_DEFAULTS: dict[str, dict[str, Any]] = {
         "self_replay_prompts": 130,  # the 70 of data/replay/questions.txt and 60 general ones: ~2 min, once a base
     },
     "eval": {"min_domain_accuracy": 0.5, "max_leakage_rate": 0.1, "min_retention": 0.9},
+    "grounding": {"enabled": True},
 }
 
 
@@ -122,7 +135,9 @@ def recipe_defaults(base_id: str) -> Recipe:
 
 
 # Table name in recipe.toml -> settings class; top-level scalars live on Recipe itself.
-_TABLES: dict[str, type] = {"lora": LoraSettings, "train": TrainSettings, "eval": EvalGate, "identity": Identity}
+_TABLES: dict[str, type] = {
+    "lora": LoraSettings, "train": TrainSettings, "eval": EvalGate, "identity": Identity, "grounding": Grounding,
+}  # fmt: skip
 _TOP_LEVEL: dict[str, type] = {"base": str, "seed": int}
 
 # (table, key) -> (lowest, highest, whether the lowest is allowed); None means unbounded.
@@ -141,6 +156,9 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("eval", "min_domain_accuracy"): (0.0, 1.0, True),
     ("eval", "max_leakage_rate"): (0.0, 1.0, True),
     ("eval", "min_retention"): (0.0, 10.0, True),
+    ("grounding", "top_k"): (1, 32, True),
+    ("grounding", "min_score"): (0.0, 1.0, False),
+    ("grounding", "max_leakage_increase"): (0.0, 1.0, True),
 }
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("train", "replay_source"): ("general", "self")}
 
@@ -151,11 +169,18 @@ def format_recipe(tables: Mapping[str, Mapping[str, Any]], **top: Any) -> str:
     It writes what it is given, valid or not (tests drop bad recipes on purpose); :func:`parse_recipe` judges it.
     JSON's spelling of these values is TOML's too.
     """
-    lines = [f"{key} = {json.dumps(value)}" for key, value in top.items()]
+    lines = [f"{key} = {_toml(value)}" for key, value in top.items()]
     for table, values in tables.items():
         lines.append(f"\n[{table}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: JSON's spelling, except that a table is inline ``{ "key" = value, ... }``."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def recipe_reference(recipe: Recipe) -> str:
@@ -163,7 +188,7 @@ def recipe_reference(recipe: Recipe) -> str:
 
     def line(obj: Any, f: dataclasses.Field) -> str:
         value = getattr(obj, f.name)
-        text = f"# {f.name} = (unset)" if value is None else f"{f.name} = {json.dumps(value)}"
+        text = f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml(value)}"
         return f"{text:<32} # {f.metadata['help']}"
 
     lines = [line(recipe, f) for f in dataclasses.fields(recipe) if f.name in _TOP_LEVEL]
@@ -230,7 +255,13 @@ def _check_table(table: str, values: dict[str, Any], cls: type, problems: list[s
             problems.append(f"{where}: unknown key (known: {', '.join(fields)})")
             continue
         expected = _field_type(table, key)
-        if expected is list:
+        if expected is dict:
+            if not isinstance(value, dict) or not all(
+                isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v) for v in value.values()
+            ):
+                problems.append(f"{where}: expected a table of names to lists of other names, got {_describe(value)}")
+                continue
+        elif expected is list:
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
                 problems.append(f"{where}: expected a non-empty list of strings, got {_describe(value)}")
                 continue
@@ -252,6 +283,8 @@ def _check_table(table: str, values: dict[str, Any], cls: type, problems: list[s
 def _field_type(table: str, key: str) -> type:
     if (table, key) == ("lora", "keys"):
         return list
+    if (table, key) == ("grounding", "aliases"):
+        return dict
     default = getattr(_TABLES[table](), key)
     return type(default)
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from solverx.adapters.errors import AdapterError
+from solverx.adapters.facts import FACTS_FILE, FactStore, grounding_context
 from solverx.adapters.registry import Registry, VersionInfo
 from solverx.data import DATA_DIR
 from solverx.models.chat_rules import ChatRules
@@ -23,6 +24,7 @@ from solverx.trainer.datasets import mixed_batches, stage_datasets
 from solverx.trainer.distributed import answer_everywhere, send_done, send_stage, world
 from solverx.trainer.distributed import hosts as distributed_hosts
 from solverx.trainer.evaluate import (
+    GROUNDED,
     EvalReport,
     Probe,
     Thresholds,
@@ -157,6 +159,7 @@ def run_training(
             send_done(group)
         raise RunRefused("nothing to train: no stage had both data and iterations")
 
+    _write_fact_graph(base_dir, previous, result, recipe, options, log)
     report = evaluate_candidate(
         base_dir, recipe.base, previous, registry, adapter, result, recipe, options, dirs.eval_cache
     )
@@ -189,6 +192,24 @@ def run_training(
     state = "succeeded" if report.passed else "rejected"
     log.write("finished", state=state, version=version, reasons=report.reasons, **ranks)
     return RunOutcome(run_id, state, version, report, stages, snap.content_hash)
+
+
+def _write_fact_graph(
+    base_dir: Path, adapter_dir: Path, result: IngestResult, recipe: Recipe, options: RunOptions, log: RunLog
+) -> None:
+    """The version's fact graph, from the same ingest as its weights, written beside them (the registry copies it)."""
+    from solverx.adapters.facts import write_graph
+    from solverx.trainer.facts import base_ordinary_words, build_graph
+
+    graph = build_graph(result, base_ordinary_words(base_dir, options.general_dir), recipe.grounding.aliases)
+    write_graph(graph, adapter_dir / FACTS_FILE)
+    state = "used in answers" if recipe.grounding.enabled else "kept, off unless asked for (grounding.enabled)"
+    log.write(
+        "note",
+        stage="facts",
+        message=f"fact graph: {len(graph.entities)} entities, {len(graph.facts)} facts, "
+        f"{len(graph.relations)} relations; {state}",
+    )
 
 
 def _base_dir(dirs: StateDirs, base_id: str) -> Path:
@@ -345,12 +366,24 @@ def evaluate_candidate(
     ]
     general_texts = [p.read_text(encoding="utf-8", errors="replace") for p in options.general_dir.rglob("*.*")]
     terms = domain_terms(domain_texts, general_texts)
+    grounding = None
+    facts_file = candidate_dir / FACTS_FILE
+    if recipe.grounding.enabled and facts_file.is_file():
+        store = FactStore(facts_file)
+
+        def context_for(question: str) -> str | None:
+            return grounding_context(store.retrieve(question, recipe.grounding.top_k, recipe.grounding.min_score))
+
+        models |= {CANDIDATE + GROUNDED: candidate_dir, "base" + GROUNDED: None}
+        grounding = {CANDIDATE + GROUNDED: context_for, "base" + GROUNDED: context_for}
     cached = None if answers_cache is None else base_answers_path(answers_cache, base_id, base_dir, options)
-    scores = evaluate_models(models, sets, terms, _answerer(base_dir, base_id, options), base_answers=cached)
+    answer = _answerer(base_dir, base_id, options)
+    scores = evaluate_models(models, sets, terms, answer, base_answers=cached, grounding=grounding)
     thresholds = Thresholds(
         min_domain_accuracy=recipe.eval.min_domain_accuracy,
         max_leakage_rate=recipe.eval.max_leakage_rate,
         max_retention_drop=max(0.0, 1.0 - recipe.eval.min_retention),
+        max_grounded_leakage_increase=recipe.grounding.max_leakage_increase,
     )
     return gate(EvalReport(models=scores, domain_terms=terms), CANDIDATE, thresholds)
 

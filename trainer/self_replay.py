@@ -106,9 +106,10 @@ def generate_answers(
 ) -> list[tuple[str, str]]:
     """(question, answer) for each prompt the base answers to the end within ``max_tokens`` (greedy); in a
     distributed run every rank answers its share."""
+    from solverx.trainer.answers import Ask
     from solverx.trainer.distributed import answer_everywhere, world
 
-    asks = [(question, None) for question in prompts]
+    asks = [Ask(question) for question in prompts]
     replies = answer_everywhere(world(), base_dir, base_id, asks, max_tokens, on_progress)
     # An answer cut off by the token limit would teach the model to stop mid-sentence: left out.
     return [
