@@ -1,4 +1,5 @@
-"""Adapter names and the model strings that select them (``<adapter>`` or ``<adapter>@<version>``).
+"""Adapter names and the model strings that select them (``<adapter>`` or ``<adapter>@<version>``, either with
+``+facts`` to answer with the version's fact graph).
 
 A name becomes a directory under the registry root, so it is checked against a strict pattern rather than
 sanitised: anything with a slash, ``..``, uppercase or an empty string is refused, never rewritten.
@@ -35,6 +36,16 @@ def parse_model_name(model: str) -> tuple[str, int | None]:
     if not _VERSION_PATTERN.fullmatch(version):
         raise InvalidAdapterName(f"invalid version in model name {model!r}: expected <adapter>@<N> with N >= 1")
     return name, int(version)
+
+
+GROUNDED_SUFFIX = "+facts"
+
+
+def split_grounded(model: str) -> tuple[str, bool]:
+    """``"solverx@3+facts"`` -> ``("solverx@3", True)``; a name without the suffix comes back as it is."""
+    if isinstance(model, str) and model.endswith(GROUNDED_SUFFIX):
+        return model[: -len(GROUNDED_SUFFIX)], True
+    return model, False
 
 
 def format_model_name(name: str, version: int | None = None) -> str:

@@ -11,9 +11,10 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from solverx.adapters.errors import AdapterError, InvalidAdapterName
-from solverx.adapters.names import format_model_name, parse_model_name
+from solverx.adapters.names import format_model_name, parse_model_name, split_grounded
 from solverx.adapters.registry import Registry, VersionInfo
 from solverx.engine.core import AdapterRef
+from solverx.server.grounding import GroundingPlan
 from solverx.server.models import AdapterMatch, ModelCard
 
 
@@ -31,7 +32,8 @@ class RegistryAdapterSource:
 
     def lookup(self, model: str) -> AdapterMatch | None:
         try:
-            name, version = parse_model_name(model)
+            plain, forced = split_grounded(model)
+            name, version = parse_model_name(plain)
             info = self.registry.resolve(name, version)
         except InvalidAdapterName:
             return None  # not an adapter name at all: the catalog answers "model not found"
@@ -39,7 +41,8 @@ class RegistryAdapterSource:
             if exc.code == "model_not_found":
                 return None
             raise
-        return AdapterMatch(base_id=info.base_id, adapter=adapter_ref(info), display_name=model)
+        grounding = GroundingPlan.for_version(info.path, info.recipe, forced)
+        return AdapterMatch(base_id=info.base_id, adapter=adapter_ref(info), display_name=model, grounding=grounding)
 
     def cards(self) -> Iterable[ModelCard]:
         generation = self.registry.generation()

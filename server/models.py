@@ -15,6 +15,7 @@ from solverx.server.errors import ModelNotFound
 
 if TYPE_CHECKING:
     from solverx.engine.core import AdapterRef, Engine
+    from solverx.server.grounding import GroundingPlan
 
 __all__ = ["AdapterMatch", "AdapterSource", "ModelCard", "ModelCatalog", "Resolved"]
 
@@ -48,6 +49,7 @@ class Resolved(NamedTuple):
     engine: Engine
     adapter: AdapterRef | None
     display_name: str
+    grounding: GroundingPlan | None = None  # an adapter version's fact graph, and whether to use it
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class AdapterMatch:
     base_id: str
     adapter: AdapterRef
     display_name: str
+    grounding: GroundingPlan | None = None
 
 
 class AdapterSource(Protocol):
@@ -85,7 +88,7 @@ class ModelCatalog:
         match = self.adapters.lookup(model) if self.adapters is not None else None
         if match is None or match.base_id not in self.engines:
             raise ModelNotFound.for_model(model)
-        return Resolved(self.engines[match.base_id], match.adapter, match.display_name)
+        return Resolved(self.engines[match.base_id], match.adapter, match.display_name, match.grounding)
 
     def cards(self) -> list[ModelCard]:
         bases = [ModelCard(id=base_id, created=_created(engine)) for base_id, engine in self.engines.items()]

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from solverx.adapters.errors import AdapterError, InvalidAdapterName
+from solverx.adapters.facts import FactsError, retrieve_for_version
 from solverx.adapters.names import parse_model_name, validate_name
 from solverx.adapters.registry import Registry, VersionInfo
 from solverx.server.body import read_json
@@ -157,6 +158,24 @@ async def show_adapter(request: Request) -> Response:
     )
 
 
+async def adapter_facts(request: Request) -> Response:
+    """What grounding would put in the prompt for ``?query=`` on a version (the promoted one unless ``@N``)."""
+    name, version = parse_model_name(request.path_params["name"])
+    query = request.query_params.get("query", "")
+    if not query.strip():
+        raise InvalidRequest("`query` is required: the question to retrieve facts for.", param="query")
+    top_k = request.query_params.get("top_k")
+    if top_k is not None and not (top_k.isdigit() and 1 <= int(top_k) <= 32):
+        raise InvalidRequest("`top_k` must be a whole number from 1 to 32.", param="top_k")
+    registry = _registry(request)
+    info = registry.resolve(name, version)
+    try:
+        facts = await run_in_threadpool(retrieve_for_version, info.path, info.recipe, query, int(top_k or 0) or None)
+    except FactsError as exc:
+        raise ModelNotFound(f"`{info.model_name}` has no fact graph ({exc}).", param="name") from None
+    return JSONResponse({"object": "list", "model": info.model_name, "data": [f.to_dict() for f in facts]})
+
+
 async def promote_adapter(request: Request) -> Response:
     """``POST /v1/adapters/{name}/promote {"version": N}``; ``{name}@N`` in the path works too."""
     name, version = parse_model_name(request.path_params["name"])
@@ -191,6 +210,7 @@ routes = [
     Route("/v1/adapters", list_adapters, methods=["GET"]),
     Route("/v1/adapters/{name}", show_adapter, methods=["GET"]),
     Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
+    Route("/v1/adapters/{name}/facts", adapter_facts, methods=["GET"]),
     Route("/v1/adapters/{name}/promote", promote_adapter, methods=["POST"]),
     Route("/v1/adapters/{name}/rollback", rollback_adapter, methods=["POST"]),
     Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),

@@ -27,6 +27,7 @@ from solverx.engine.core import Delta, EngineError
 from solverx.server import schemas
 from solverx.server.body import read_json
 from solverx.server.errors import APIError, InvalidRequest, ModelNotFound, to_api_error
+from solverx.server.grounding import ground
 from solverx.server.metrics import track_generation
 from solverx.server.routes_openai import collect, completion_budget, first_delta
 from solverx.server.state import server_state
@@ -177,11 +178,12 @@ async def api_chat(request: Request) -> Response:
                 raise _unsupported(f"messages[{i}].{'images' if message.get('images') else 'tool_calls'}")
     req = schemas.parse_chat_request({**fields, "messages": messages}, state.default_model)
     target = state.catalog.resolve(req.model)
+    grounded = ground(target.grounding, req.template_messages(target.engine.chat_rules.native_tools), req.grounding)
     try:
-        prompt = req.encode(target.engine)
+        prompt = req.encode(target.engine, grounded.messages)
     except TemplateError as exc:
         raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
-    return await _answer(request, target, prompt, req.options, stream, chat=True)
+    return await _answer(request, target, prompt, req.options, stream, chat=True, headers=grounded.headers())
 
 
 async def api_generate(request: Request) -> Response:
@@ -196,8 +198,9 @@ async def api_generate(request: Request) -> Response:
     # /api/generate applies the model's chat template to the prompt (unless raw, which we refuse)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt_text}]
     req = schemas.parse_chat_request({**fields, "messages": messages}, state.default_model)
-    prompt = req.encode(target.engine)
-    return await _answer(request, target, prompt, req.options, stream, chat=False)
+    grounded = ground(target.grounding, req.template_messages(), req.grounding)
+    prompt = req.encode(target.engine, grounded.messages)
+    return await _answer(request, target, prompt, req.options, stream, chat=False, headers=grounded.headers())
 
 
 def _done_loading(name: str) -> JSONResponse:
@@ -205,7 +208,14 @@ def _done_loading(name: str) -> JSONResponse:
 
 
 async def _answer(
-    request: Request, target, prompt: list[int], options: schemas.GenerationOptions, stream: bool, *, chat: bool
+    request: Request,
+    target,
+    prompt: list[int],
+    options: schemas.GenerationOptions,
+    stream: bool,
+    *,
+    chat: bool,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     state = server_state(request)
     params = options.sampling(completion_budget(state, target.engine, options, len(prompt)))
@@ -214,9 +224,10 @@ async def _answer(
     name = ollama_name(target.display_name)
     first = await first_delta(deltas, param="messages" if chat else "prompt")
     if stream:
-        return StreamingResponse(_lines(name, first, deltas, started, chat), media_type="application/x-ndjson")
+        lines = _lines(name, first, deltas, started, chat)
+        return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
     text, last = await collect(prepend(first, deltas), param="messages" if chat else "prompt")
-    return JSONResponse(_final(name, text, last, started, chat))
+    return JSONResponse(_final(name, text, last, started, chat), headers=headers)
 
 
 async def _lines(name: str, first: Delta, rest: AsyncIterator[Delta], started: int, chat: bool) -> AsyncIterator[bytes]:

@@ -21,6 +21,7 @@ from solverx.engine.core import Delta, EngineError
 from solverx.server import schemas
 from solverx.server.body import read_json
 from solverx.server.errors import InvalidRequest, ModelNotFound, to_api_error
+from solverx.server.grounding import Grounded, ground
 from solverx.server.metrics import track_generation
 from solverx.server.state import server_state
 from solverx.server.streaming import (
@@ -59,11 +60,14 @@ async def chat_completions(request: Request) -> Response:
     state = server_state(request)
     req = schemas.parse_chat_request(await read_json(request, state.max_body_bytes), state.default_model)
     target = state.catalog.resolve(req.model)
+    messages = req.template_messages(target.engine.chat_rules.native_tools)
+    grounded = ground(target.grounding, messages, req.grounding)
     try:
-        prompt = req.encode(target.engine)
+        prompt = req.encode(target.engine, grounded.messages)
     except TemplateError as exc:
         raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
-    return await _complete(request, state, target, prompt, req.options, TOOL_CHAT if req.tool_choice.calls else CHAT)
+    endpoint = TOOL_CHAT if req.tool_choice.calls else CHAT
+    return await _complete(request, state, target, prompt, req.options, endpoint, grounded)
 
 
 async def completions(request: Request) -> Response:
@@ -81,22 +85,26 @@ async def _complete(
     prompt: list[int],
     options: schemas.GenerationOptions,
     endpoint: _Endpoint,
+    grounded: Grounded | None = None,
 ) -> Response:
-    """Run the engine and answer with one body, or with an event stream once the first delta is in."""
+    """Run the engine and answer with one body, or with an event stream once the first delta is in; a grounded
+    chat says which facts it was given (headers; a ``grounding`` field in a body)."""
+    headers = grounded.headers() if grounded is not None else {}
+    extra = grounded.body_field() if grounded is not None and grounded.facts else {}
     params = options.sampling(completion_budget(state, target.engine, options, len(prompt)))
     meta = schemas.ResponseMeta.new(endpoint.id_prefix, target.display_name)
     deltas = track_generation(request, target.display_name, target.engine.generate(prompt, params, target.adapter))
     if options.stream:
         first = await first_delta(deltas, param=endpoint.prompt_param)
-        return EventStream(endpoint.events(meta, prepend(first, deltas), options.include_usage))
+        return EventStream(endpoint.events(meta, prepend(first, deltas), options.include_usage), headers)
     text, last = await cancel_on_disconnect(request.receive, lambda: collect(deltas, param=endpoint.prompt_param))
     counts = schemas.usage(last.prompt_tokens, last.completion_tokens)
     finish = last.finish_reason or "stop"
     if endpoint is TOOL_CHAT:
         content, calls = parse_calls(text)
         finish = "tool_calls" if calls and finish == "stop" else finish
-        return JSONResponse(schemas.chat_completion(meta, content, finish, counts, calls))
-    return JSONResponse(endpoint.body(meta, text, finish, counts))
+        return JSONResponse(schemas.chat_completion(meta, content, finish, counts, calls) | extra, headers=headers)
+    return JSONResponse(endpoint.body(meta, text, finish, counts) | extra, headers=headers)
 
 
 async def list_models(request: Request) -> Response:

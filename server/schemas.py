@@ -108,6 +108,7 @@ class ChatCompletionRequest:
     options: GenerationOptions
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = NO_TOOLS
+    grounding: bool | None = None  # our extension: use the adapter version's fact graph (None: as its recipe says)
 
     def template_messages(self, native_tools: bool = False) -> list[dict[str, Any]]:
         """The messages for the chat template: calls and results in OpenAI's shape for a template that renders
@@ -119,11 +120,12 @@ class ChatCompletionRequest:
             return render_history(messages, self.tools)
         return messages
 
-    def encode(self, engine: Any) -> list[int]:
-        """The prompt's token ids on ``engine``'s base, tools rendered the way its template can."""
+    def encode(self, engine: Any, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt's token ids on ``engine``'s base, tools rendered the way its template can; ``messages``
+        replaces :meth:`template_messages` (the grounded ones)."""
         native = engine.chat_rules.native_tools
         tools = [t.signature() for t in self.tools] if native and self.tools else None
-        return engine.encode_chat(self.template_messages(native), tools=tools)
+        return engine.encode_chat(messages if messages is not None else self.template_messages(native), tools=tools)
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,15 @@ def parse_chat_request(body: Any, default_model: str | None = None) -> ChatCompl
         options=options,
         tools=tools,
         tool_choice=choice,
+        grounding=_optional_bool(fields, "grounding"),
     )
+
+
+def _optional_bool(fields: dict[str, Any], name: str) -> bool | None:
+    value = fields.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _wrong_type(name, "a boolean", value)
+    return value
 
 
 def parse_completion_request(body: Any, default_model: str | None = None) -> CompletionRequest:

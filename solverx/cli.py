@@ -83,6 +83,12 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
     return adapters_command(args, _settings(args)[0])
 
 
+def _cmd_facts(args: argparse.Namespace) -> int:
+    from solverx.commands import facts_command
+
+    return facts_command(args, _settings(args)[0])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from solverx.commands import train_command
 
@@ -138,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(service)
     service.set_defaults(handler=_cmd_service)
 
-    from solverx.commands import add_adapters_parser, add_model_parsers
+    from solverx.commands import add_adapters_parser, add_facts_parser, add_model_parsers
 
     add_adapters_parser(commands, add_arguments)
     commands.choices["adapters"].set_defaults(handler=_cmd_adapters)
+    add_facts_parser(commands, add_arguments)
+    commands.choices["facts"].set_defaults(handler=_cmd_facts)
     add_model_parsers(commands, add_arguments)
     commands.choices["prepare"].set_defaults(handler=_cmd_prepare)
     commands.choices["plan"].set_defaults(handler=_cmd_plan)

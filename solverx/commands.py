@@ -119,6 +119,36 @@ def add_adapters_parser(commands, add_settings) -> None:
         add_settings(sub)
 
 
+def add_facts_parser(commands, add_settings) -> None:
+    parser = commands.add_parser("facts", help="what grounding retrieves for a question from NAME[@N]'s fact graph")
+    parser.add_argument("name", help="NAME (its promoted version) or NAME@N")
+    parser.add_argument("question")
+    parser.add_argument("--top-k", type=int, help="how many facts (default: the version's recipe)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output, as the API answers")
+    add_settings(parser)
+
+
+def facts_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``solverx facts NAME[@N] "question"``: the facts, scores, entities and sources, best first."""
+    from solverx.adapters.facts import FactsError, retrieve_for_version
+    from solverx.adapters.names import parse_model_name
+
+    name, version = parse_model_name(args.name)
+    info = _registry(settings).resolve(name, version)
+    try:
+        facts = retrieve_for_version(info.path, info.recipe, args.question, args.top_k)
+    except FactsError as exc:
+        print(f"solverx: {info.model_name} has no fact graph ({exc})", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json({"object": "list", "model": info.model_name, "data": [f.to_dict() for f in facts]})
+    elif not facts:
+        print(f"{info.model_name}: nothing retrieved (the question names none of its entities)")
+    for fact in facts if not args.json else ():
+        print(f"{fact.score:7.3f}  {fact.fact}\n         {', '.join(fact.entities)} — {fact.source}")
+    return 0
+
+
 def export_command(info, args: argparse.Namespace, settings: Settings) -> int:
     """``solverx adapters export``: one registered version, in another tool's format, at a new path."""
     from solverx.adapters import export
