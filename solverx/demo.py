@@ -31,7 +31,7 @@ from solverx.blas import threads_each
 from solverx.data import DATA_DIR
 from solverx.models.builtin import SMOLLM_BASE_ID
 from solverx.paths import StateDirs, resolve_home
-from solverx.report import CANDIDATE, DemoReport, Variant, language_of, write_report
+from solverx.report import CANDIDATE, GROUNDED, DemoReport, Variant, language_of, write_report
 from solverx.trainer.recipe import TrainSettings, format_recipe, recipe_defaults
 
 SAMPLE_INBOX = DATA_DIR / "solverx" / "inbox"
@@ -79,8 +79,9 @@ def e2e_budget(base_id: str = SMOLLM_BASE_ID) -> TrainSettings:
     return replace(full, cpt_iters=4, sft_iters=50, batch_size=4, max_seq_length=192, self_replay_prompts=60)
 
 
-def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...]) -> str:
-    """The recipe a user would drop into the inbox; a stage left out of ``stages`` gets 0 iterations."""
+def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...], grounding: bool = False) -> str:
+    """The recipe a user would drop into the inbox; a stage left out of ``stages`` gets 0 iterations. With
+    ``grounding`` (the product's default run) the run also evaluates its fact graph, with and without the LoRA."""
     train = replace(
         settings,
         cpt_iters=settings.cpt_iters if "cpt" in stages else 0,
@@ -89,6 +90,7 @@ def recipe_toml(base_id: str, settings: TrainSettings, stages: tuple[str, ...]) 
     defaults = recipe_defaults(base_id)
     tables = {"lora": {k: v for k, v in asdict(defaults.lora).items() if v is not None}, "train": asdict(train)}
     tables["eval"] = asdict(defaults.eval)
+    tables["grounding"] = {k: v for k, v in asdict(defaults.grounding).items() if v != {}} | {"enabled": grounding}
     return "# Written by `solverx demo`.\n" + format_recipe(tables, base=base_id, seed=defaults.seed)
 
 
@@ -293,7 +295,7 @@ def collect_variant(dirs: StateDirs, variant: Variant, finished: dict | None) ->
         report = json.loads(report_file.read_text(encoding="utf-8"))
         variant.passed = bool(report.get("passed"))
         for model, scores in report["models"].items():
-            name = model if model in ("base", CANDIDATE) else "promoted"
+            name = model if model in ("base", CANDIDATE) or model.endswith(GROUNDED) else "promoted"
             variant.rates[name] = {k: scores.get(k) for k in ("domain_accuracy", "retention", "leakage_rate")}
             variant.answers[name] = scores.get("answers", {})
     variant.stage_summaries = _stage_summaries(run_dir)
@@ -334,7 +336,9 @@ def run_demo(
         say(f"training on the corpus's {'/'.join(languages)} part (--languages en,ko: all of it)")
 
     specs = list(enumerate(variants, 1))
-    recipes = {spec.suffix: recipe_toml(base_id, settings, spec.stages) for spec in variants}
+    recipes = {
+        spec.suffix: recipe_toml(base_id, settings, spec.stages, grounding=spec is variants[0]) for spec in variants
+    }
     parallel = max(1, min(parallel if parallel is not None else concurrent_runs(), len(variants)))
     if parallel > 1:
         say(f"{parallel} runs at a time, BLAS on {blas_threads(parallel)} thread(s) each (--parallel 1: one at a time)")

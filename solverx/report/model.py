@@ -8,8 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from solverx.adapters.names import GROUNDED_SUFFIX
+
 BASE = "base"
 CANDIDATE = "candidate"
+GROUNDED = GROUNDED_SUFFIX  # the same model answering with the version's fact graph in its prompt
 RATE_NAMES = {"domain_accuracy": "domain QA accuracy", "retention": "general retention", "leakage_rate": "leakage"}
 
 

@@ -13,7 +13,16 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from solverx.report.charts import rates_chart_png
-from solverx.report.model import BASE, CANDIDATE, DemoReport, Variant, languages_note, model_rates, percent
+from solverx.report.model import (
+    BASE,
+    CANDIDATE,
+    GROUNDED,
+    DemoReport,
+    Variant,
+    languages_note,
+    model_rates,
+    percent,
+)
 from solverx.report.verdicts import findings, seed_table
 
 
@@ -43,8 +52,12 @@ def _variant_rows(report: DemoReport) -> list[tuple[str, str, Variant | None, st
     """(label, model inside the variant, variant, description) for the base and every run."""
     main = report.main
     rows = [("base", BASE, main, f"{report.base_id}, no adapter")]
+    if main is not None and BASE + GROUNDED in main.rates:
+        rows.append((BASE + GROUNDED, BASE + GROUNDED, main, "grounding only: the base with the default run's facts"))
     for v in report.variants:
         rows.append((v.key, CANDIDATE, v, v.title))
+        if CANDIDATE + GROUNDED in v.rates:
+            rows.append((v.key + GROUNDED, CANDIDATE + GROUNDED, v, "LoRA + grounding: the same, with its fact graph"))
     return rows
 
 
@@ -197,7 +210,12 @@ def report_json(report: DemoReport) -> dict:
     main = report.main
     rows = seed_table(main) if main is not None and main.ok else []
     rates = {BASE: model_rates(main, BASE)} if main is not None and main.ok else {}
-    rates.update({v.key: model_rates(v, CANDIDATE) for v in report.variants if v.ok})
+    if main is not None and main.ok and BASE + GROUNDED in main.rates:
+        rates[BASE + GROUNDED] = model_rates(main, BASE + GROUNDED)
+    for v in (v for v in report.variants if v.ok):
+        rates[v.key] = model_rates(v, CANDIDATE)
+        if CANDIDATE + GROUNDED in v.rates:
+            rates[v.key + GROUNDED] = model_rates(v, CANDIDATE + GROUNDED)
     return {
         "seed_table": [
             {"question": r.question, "base_answer": r.base_answer, "tuned_answer": r.tuned_answer} for r in rows
