@@ -34,7 +34,7 @@ FACTS_FILE = "facts.sqlite"
 FORMAT = 1
 ENTITY_WEIGHT = 1.0  # per matched entity a fact mentions, beside BM25 normalized to [0, 1]
 HOP_WEIGHT = 0.05  # per entity one hop away that a fact mentions: a tie-breaker; the hop adds candidates
-
+NEAR_DUPLICATE = 0.7  # share of index terms two facts have in common (Jaccard) above which one repeats the other
 _HANGUL = re.compile(r"[\uac00-\ud7a3]+")
 _LATIN = re.compile(r"[a-z0-9]+")
 _WORD_OR_HANGUL = re.compile(r"[a-z0-9]+|[\uac00-\ud7a3]+")
@@ -167,16 +167,21 @@ GROUNDING_HEADER = "Facts you know (answer from them when the question is about 
 
 def grounding_context(facts: Sequence[Retrieved]) -> str | None:
     """The system turn that gives a model its retrieved facts, the same in serving and in evaluation (None: no
-    facts, so the prompt is exactly the ungrounded one)."""
+    facts, so the prompt is exactly the ungrounded one). The best fact comes last, next to the question: a small
+    model leans on what it read last."""
     if not facts:
         return None
-    return GROUNDING_HEADER + "\n" + "\n".join(f"- {f.fact}" for f in facts)
+    return GROUNDING_HEADER + "\n" + "\n".join(f"- {f.fact}" for f in reversed(facts))  # the best one last
 
 
 @functools.lru_cache(maxsize=64)
 def open_store(path: Path) -> FactStore:
     """A version's store, opened once: versions never change, and their numbers are never reused."""
     return FactStore(path)
+
+
+def _overlap(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
 
 
 def write_graph(graph: FactGraph, path: Path) -> Path:
@@ -281,7 +286,18 @@ class FactStore:
             score += ENTITY_WEIGHT * sum(matched[e] for e in about & strong) + HOP_WEIGHT * len(about & hops)
             ranked.append((score, fact))
         ranked.sort(key=lambda pair: (-pair[0], pair[1]))
-        return [self._retrieved(fact, score, mentions.get(fact, set())) for score, fact in ranked[:top_k]]
+        kept: list[tuple[float, int, set[str]]] = []
+        for score, fact in ranked:  # a fact saying again what a better one says takes no place of its own
+            terms = set(self._terms(fact))
+            if all(_overlap(terms, other) < NEAR_DUPLICATE for _, _, other in kept):
+                kept.append((score, fact, terms))
+            if len(kept) == top_k:
+                break
+        return [self._retrieved(fact, score, mentions.get(fact, set())) for score, fact, _ in kept]
+
+    def _terms(self, fact: int) -> list[str]:
+        row = self._db.execute("SELECT terms FROM fact_terms WHERE rowid = ?", (fact,)).fetchone()
+        return row[0].split() if row else []
 
     def _neighbours(self, entities: Iterable[int]) -> set[int]:
         ids = sorted(entities)

@@ -7,7 +7,7 @@
   only of ordinary words — words of the general data, or whole words of the base's own vocabulary (a BPE vocabulary
   of 49k tokens holds ``Singapore`` and ``Trust`` as one token each, never ``SolverX`` or ``Seocho``) — or a short
   all-capital one (``CEO``) is not *distinctive*: it never triggers retrieval alone.
-- **Facts**: every assistant answer of the Q&A and chats (matched together with its question), every sentence of
+- **Facts**: the first assistant answer of every Q&A and chat (matched together with its question), every sentence of
   the knowledge text, and every ontology statement (``SolverX Fusion has the optimization engine X-Core.``); each
   linked to the entities it names. Held-out eval questions are never facts.
 - **Relations**: the ontology's statements between two entities, which retrieval follows one hop.
@@ -159,12 +159,12 @@ def build_graph(
             graph.facts.append(Fact(text, source, about, index_text))
 
     for record in result.sft_records:
-        question = ""
-        for message in record.messages:
-            if message["role"] == "user":
-                question = message["content"]
-            elif message["role"] == "assistant":
-                add_fact(message["content"].strip(), record.source, question)
+        # A chat's later answers lean on its earlier turns ("It is called X-Core."): only its first answer stands
+        # alone as a fact.
+        question = next((m["content"] for m in record.messages if m["role"] == "user"), "")
+        answer = next((m["content"] for m in record.messages if m["role"] == "assistant"), "")
+        if answer.strip():
+            add_fact(answer.strip(), record.source, question)
     for doc in result.cpt_texts:
         for sentence in _sentences(doc.text):
             add_fact(sentence, doc.source)
