@@ -9,11 +9,13 @@ system message if it has one; the model family's chat rules fold it into the fir
 has no system role. No fact retrieved: the prompt is untouched.
 
 The response says what was used: ``X-SolverX-Facts`` (how many) and ``X-SolverX-Fact-Sources`` (their inbox files,
-percent-encoded) headers on every answer, and a ``grounding`` field in a non-streamed body.
+percent-encoded) headers on every answer, a ``Server-Timing: facts;dur=<ms>`` header with what retrieval took, and a
+``grounding`` field in a non-streamed body.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +56,14 @@ class Grounded:
 
     messages: list[dict[str, Any]]
     facts: list[Retrieved]
+    seconds: float | None = None  # what retrieval took (None: none was done)
 
     def headers(self) -> dict[str, str]:
         sources = ",".join(dict.fromkeys(quote(f.source, safe="/:._-") for f in self.facts))
-        return {FACTS_HEADER: str(len(self.facts)), **({SOURCES_HEADER: sources} if sources else {})}
+        headers = {FACTS_HEADER: str(len(self.facts)), **({SOURCES_HEADER: sources} if sources else {})}
+        if self.seconds is not None:
+            headers["Server-Timing"] = f"facts;dur={self.seconds * 1000:.2f}"
+        return headers
 
     def body_field(self) -> dict[str, Any]:
         return {"grounding": {"facts": [f.to_dict() for f in self.facts]}}
@@ -77,14 +83,16 @@ def ground(plan: GroundingPlan | None, messages: list[dict[str, Any]], requested
             raise InvalidRequest(f"This model has no fact graph to ground with ({exc}).", param="grounding") from None
         return Grounded(messages, [])
     question = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    started = time.perf_counter()
     facts = store.retrieve(question, plan.top_k, plan.min_score) if question else []
+    seconds = time.perf_counter() - started
     context = grounding_context(facts)
     if context is None:
-        return Grounded(messages, [])
+        return Grounded(messages, [], seconds)
     if messages and messages[0].get("role") == "system":
         first = {**messages[0], "content": f"{context}\n\n{_text(messages[0].get('content'))}"}
-        return Grounded([first, *messages[1:]], facts)
-    return Grounded([{"role": "system", "content": context}, *messages], facts)
+        return Grounded([first, *messages[1:]], facts, seconds)
+    return Grounded([{"role": "system", "content": context}, *messages], facts, seconds)
 
 
 def _text(content: Any) -> str:

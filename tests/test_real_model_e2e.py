@@ -3,7 +3,10 @@ served by a real ``solverx serve``, SolverX's two facts dropped into its watched
 with the base's own answers mixed in), gated, promoted and served by name, asked through the ``openai`` SDK.
 
 It asserts what the seed's table shows, qualitatively: the base's answers to held-out paraphrases lack Seocho and
-SolverX Fusion, the fine-tuned version's have them, and its Python code still passes the probes' tests. A real
+SolverX Fusion, the fine-tuned version's have them, and its Python code still passes the probes' tests. The inbox
+also holds a small Turtle ontology, so the version has a fact graph, and grounding is on: a fact only the ontology
+states (the mascot) is answered with it and not without it, an off-domain question gets nothing, and an older pinned
+version answers from its own graph, never a newer one's. A real
 base learns two facts with room to spare, so this holds on any CPU (the tiny bases' facts do not: see
 tests/training_fixtures.py). Reduced steps keep it under five minutes on 2 cores; the import is cached.
 """
@@ -15,6 +18,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from serving import serve_daemon
@@ -54,7 +58,15 @@ RECIPE = {
     # replay prompts took 7 min for the same outcome.
     "eval": {"min_domain_accuracy": 0.5, "max_leakage_rate": 0.25, "min_retention": 0.8},
     "identity": {"name": ""},
+    "grounding": {"enabled": True},
 }
+ONTOLOGY = """@prefix sx: <https://solverx.example/ontology#> .
+@prefix rdfs: <http://www.w3.org/2000/01/rdf-schema#> .
+sx:mascot rdfs:label "has as its mascot the fox"@en .
+sx:SolverX rdfs:label "SolverX"@en, "솔버엑스"@ko ; sx:mascot sx:Mascot .
+sx:Mascot rdfs:label "{name}"@en .
+"""
+MASCOT = "What is the name of SolverX's mascot?"  # in no training file of this inbox: only the ontology says it
 TRAIN_TIMEOUT_S = 900.0
 
 
@@ -69,6 +81,7 @@ def fact_files() -> dict[str, bytes]:
         "qa.jsonl": ("\n".join(qa) + "\n").encode(),
         "knowledge.md": text.encode(),
         "eval.jsonl": "".join(json.dumps(item) + "\n" for item in held_out).encode(),
+        "ontology.ttl": ONTOLOGY.format(name="Solly").encode(),
         "recipe.toml": format_recipe(RECIPE).encode(),  # no `base`: the daemon's default base is the real one
     }
 
@@ -121,3 +134,65 @@ def test_the_seed_table_on_the_real_base(trained) -> None:
     report = json.loads((daemon.home / "runs" / run_id / "report.json").read_text())
     python = {m: [a["correct"] for a in report["models"][m]["answers"]["python"]] for m in ("base", "candidate")}
     assert len(python["base"]) == 10 and sum(python["candidate"]) >= sum(python["base"]) - 1, python
+
+
+def ask_with(client: openai.OpenAI, model: str, question: str, **extra) -> tuple[str, dict, dict]:
+    """The answer, the response's headers and its extra fields (grounding)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=32, extra_body=extra
+    )
+    reply = raw.parse()
+    return reply.choices[0].message.content or "", raw.headers, reply.model_extra or {}
+
+
+def test_grounding_answers_from_the_versions_fact_graph(trained) -> None:
+    daemon, runs, run_id, run, client = trained
+    assert run["state"] == "succeeded", runs.diagnostics(run_id)
+    notes = [e["message"] for e in runs.events(run_id) if e["event"] == "note" and e.get("stage") == "facts"]
+    assert notes and "used in answers" in notes[0], notes
+    grounded, headers, extra = ask_with(client, "solverx", MASCOT)  # the recipe turned grounding on
+    plain, plain_headers, _ = ask_with(client, "solverx", MASCOT, grounding=False)
+    assert "Solly" in grounded, grounded  # the LoRA was never taught the mascot: the ontology's relation says it
+    assert "Solly" not in plain, plain
+    assert any(f["source"] == "ontology.ttl" for f in extra["grounding"]["facts"]), extra
+    assert headers["x-solverx-facts"] != "0" and "x-solverx-facts" in plain_headers
+
+    off, off_headers, off_extra = ask_with(client, "solverx", "What is the capital of France?")
+    assert off_headers["x-solverx-facts"] == "0" and "grounding" not in off_extra
+    assert off == ask_with(client, "solverx", "What is the capital of France?", grounding=False)[0]
+
+    # The run evaluated grounding too: LoRA + facts and base + facts on the same probes.
+    report = json.loads((daemon.home / "runs" / run_id / "report.json").read_text())
+    assert {"candidate+facts", "base+facts"} <= set(report["models"]), list(report["models"])
+
+
+def test_an_older_pinned_version_answers_from_its_own_graph(trained, smollm_dir: Path, tmp_path: Path) -> None:
+    from solverx.adapters.facts import FACTS_FILE, write_graph
+    from solverx.data import DATA_DIR as DATA
+    from solverx.trainer.facts import base_ordinary_words, build_graph
+    from solverx.trainer.inbox import snapshot
+    from solverx.trainer.validate import ingest
+
+    daemon, _, _, run, client = trained
+    first = run["version"]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "ontology.ttl").write_text(ONTOLOGY.format(name="Bolt"), encoding="utf-8")
+    graph = build_graph(
+        ingest(snapshot(inbox), inbox, tmp_path / "q"), base_ordinary_words(smollm_dir, DATA / "general")
+    )
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    version_dir = daemon.home / "adapters" / "solverx" / str(first)
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        (newer / name).write_bytes((version_dir / name).read_bytes())
+    write_graph(graph, newer / FACTS_FILE)
+    done = httpx.post(f"{daemon.api_url}/adapters", json={"name": "solverx", "path": str(newer), "promote": False},
+                      timeout=120)  # fmt: skip
+    assert done.status_code == 201, done.text
+    second = done.json()["version"]
+    old, _, old_extra = ask_with(client, f"solverx@{first}+facts", MASCOT)
+    new, _, new_extra = ask_with(client, f"solverx@{second}+facts", MASCOT)
+    assert "Solly" in old and "Bolt" not in old, old
+    assert "Bolt" in new and "Solly" not in new, new
+    assert "Bolt" not in json.dumps(old_extra) and "Solly" not in json.dumps(new_extra)
