@@ -148,11 +148,12 @@ UNHONOURED: dict[str, tuple[Any, ...] | None] = {
     "audio": (),
     "prediction": (),
     "web_search_options": (),
+    "grounding": None,  # our extension, honoured on chats only: a text completion has no question to ground
 }
 
 
-CHAT_UNHONOURED = tuple(name for name in UNHONOURED if name not in ("echo", "suffix"))
-COMPLETION_UNHONOURED = ("logprobs", "echo", "suffix")
+CHAT_UNHONOURED = tuple(name for name in UNHONOURED if name not in ("echo", "suffix", "grounding"))
+COMPLETION_UNHONOURED = ("logprobs", "echo", "suffix", "grounding")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_LOGIT_BIAS_ENTRIES = 1024
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's bounds for presence_penalty and frequency_penalty

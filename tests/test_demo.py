@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from solverx.report import BASE, CANDIDATE, DemoReport, Variant, findings, render_html, seed_table, write_report
+from solverx.report import (
+    BASE,
+    CANDIDATE,
+    GROUNDED,
+    DemoReport,
+    Variant,
+    findings,
+    render_html,
+    seed_table,
+    write_report,
+)
 
 # -- the report, from synthetic numbers ---------------------------------------------------------------------------
 
@@ -135,6 +145,17 @@ def test_report_files_markdown_and_self_contained_html(tmp_path: Path) -> None:
         assert all(value is None or 0.0 <= value <= 1.0 for value in rates.values()), (name, rates)
     assert data["rates"]["base"]["domain_en"] == 0.0 and data["rates"]["solverx"]["domain_en"] == 1.0
     assert "<script" not in render_html(_report(), rates_png=b"png")
+    # the default run's grounding (LoRA + facts, base + facts) is reported beside it, as rows and rates
+    grounded = _report()
+    main = grounded.variants[0]
+    for model in (BASE + GROUNDED, CANDIDATE + GROUNDED):
+        main.rates[model] = {"domain_accuracy": 1.0, "retention": 0.55, "leakage_rate": 0.0}
+        main.answers[model] = main.answers[CANDIDATE]
+    md, _ = write_report(grounded, tmp_path / "grounded")
+    rows = [line.split(" | ")[0] for line in md.read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+    assert {"| base+facts", "| solverx+facts"} <= set(rows)
+    grounded_json = json.loads((tmp_path / "grounded" / "report.json").read_text())
+    assert set(grounded_json["rates"]) == {"base", "base+facts", *(v.key for v in grounded.variants), "solverx+facts"}
     # the page is the Markdown rendered: the same tables, and a model's answer cannot inject markup
     assert html.count("<table>") == sum(line.startswith("|---") for line in text.splitlines()) and "<td>" in html
     hostile = _report(answers={CANDIDATE: _answers("<script>alert(1)</script> Seocho", "Fusion", True, "x", False)})
@@ -182,7 +203,7 @@ def test_the_runs_went_through_the_watch_folder_the_trainer_and_the_registry(dem
     assert [s["stage"] for s in report.main.stage_summaries] == ["cpt", "sft"]
     assert "| **SolverX HQ?**" in md.read_text() and "data:image/png;base64," in page.read_text()
     data = json.loads((md.parent / "report.json").read_text())
-    assert set(data["rates"]) == {"base", "solverx", "solverx-noreplay"}
+    assert set(data["rates"]) == {"base", "base+facts", "solverx", "solverx+facts", "solverx-noreplay"}
 
 
 @e2e

@@ -135,6 +135,8 @@ def test_grounding_that_cannot_be_done_is_refused_by_name(daemon) -> None:
             ask(daemon, model, HQ, **body)
         assert refused.value.status_code == status, (model, body)
         assert refused.value.body["param"] == param, refused.value.body
+    text = httpx.post(f"{daemon.api_url}/completions", json={"model": "acme", "prompt": HQ, "grounding": True})
+    assert text.status_code == 400 and text.json()["error"]["param"] == "grounding"  # a completion has no question
     missing = httpx.get(f"{daemon.api_url}/adapters/acme/facts")
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "query"
     no_graph = httpx.get(f"{daemon.api_url}/adapters/bare/facts", params={"query": HQ})
