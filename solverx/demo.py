@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from solverx import blas
 from solverx.blas import threads_each
 from solverx.data import DATA_DIR
 from solverx.models.builtin import SMOLLM_BASE_ID
@@ -184,10 +183,26 @@ def uses_self_replay(spec: DemoVariant, settings: TrainSettings) -> bool:
     return spec.replay and settings.replay_source == "self" and settings.replay_ratio > 0
 
 
+def _in_processes(base_dir: Path, base_id: str, processes: int):
+    """An answerer that shares the questions out to ``processes`` Pythons (trainer.answers.answer_in_processes)."""
+    from solverx.trainer.answers import answer_in_processes
+
+    def answer(asks, max_tokens: int, on_progress=None):
+        return answer_in_processes(base_dir, base_id, asks, max_tokens, processes, on_progress)
+
+    return answer
+
+
 def warm_self_replay(
-    dirs: StateDirs, base_dir: Path, base_id: str, settings: TrainSettings, say: Callable[[str], None]
+    dirs: StateDirs,
+    base_dir: Path,
+    base_id: str,
+    settings: TrainSettings,
+    say: Callable[[str], None],
+    processes: int = 1,
 ) -> None:
-    """The base's self replay, generated into the trainer's cache now (minutes, once a base) if it is not there."""
+    """The base's self replay, generated into the trainer's cache now (minutes, once a base) if it is not there,
+    by ``processes`` Pythons."""
     from solverx.trainer.run import GENERAL_DIR
     from solverx.trainer.self_replay import cache_path, self_replay_records
 
@@ -200,20 +215,29 @@ def warm_self_replay(
         if done % 40 == 0 or done == total:
             say(f"  self replay {done}/{total}")
 
-    records = self_replay_records(base_dir, base_id, GENERAL_DIR, dirs.replay_cache, count=count, on_progress=progress)
-    say(f"self replay: {len(records)} answers cached")
+    started = time.perf_counter()
+    answer = _in_processes(base_dir, base_id, processes)
+    records = self_replay_records(
+        base_dir, base_id, GENERAL_DIR, dirs.replay_cache, count=count, on_progress=progress, answer=answer
+    )
+    say(f"self replay: {len(records)} answers cached  [{time.perf_counter() - started:.0f} s]")
 
 
-def warm_base_answers(dirs: StateDirs, base_dir: Path, base_id: str, say: Callable[[str], None]) -> None:
-    """The base's answers to every probe the runs will ask it, into the trainer's cache now: runs that evaluate at
-    about the same time would each ask them (115 questions; ~1 min of a core each on the real base)."""
+def warm_base_answers(
+    dirs: StateDirs, base_dir: Path, base_id: str, say: Callable[[str], None], processes: int = 1
+) -> None:
+    """The base's answers to every probe the runs will ask it, into the trainer's cache now, by ``processes``
+    Pythons: runs that evaluate at about the same time would each ask them (115 questions; ~1 min of a core each
+    on the real base)."""
     from solverx.trainer import run as trainer_run
     from solverx.trainer.validate import parse_eval_line
 
     lines = (SAMPLE_INBOX / EVAL_FILE).read_text(encoding="utf-8").splitlines()
     items = [parse_eval_line(line, EVAL_FILE) for line in lines if line.strip()]
     started = time.perf_counter()
-    asked = trainer_run.warm_base_answers(base_dir, base_id, items, trainer_run.RunOptions(), dirs.eval_cache)
+    answer = _in_processes(base_dir, base_id, processes)
+    options = trainer_run.RunOptions()
+    asked = trainer_run.warm_base_answers(base_dir, base_id, items, options, dirs.eval_cache, answer)
     if asked:
         seconds = time.perf_counter() - started
         say(f"evaluation: {base_id} answered the {asked} probes once, for every run  [{seconds:.0f} s]")
@@ -362,19 +386,17 @@ def run_demo(
         for index, spec in specs:
             run(index, spec)
     else:
-        # Runs without self replay start first; the replay the others share is generated meanwhile, once, by the
-        # trainer's own function into the trainer's cache (concurrent runs would each generate it).
-        # Longest first (SFT is ~10x CPT here), so the short run fills the slot the first long one frees.
+        # What the runs share is asked of the base once, first, on every core (a process per core: MLX computes on
+        # one core per process): the self replay they mix in, and the base's answers to the probes (concurrent
+        # runs would each ask them). Then the runs, longest first (SFT is ~10x CPT here), so the three long ones
+        # start together and the short one fills the first slot that frees.
+        cores = os.cpu_count() or 1
+        if any(uses_self_replay(spec, settings) for spec in variants):
+            warm_self_replay(dirs, base_dir, base_id, settings, say, processes=cores)
+        warm_base_answers(dirs, base_dir, base_id, say, processes=cores)
         by_length = sorted(specs, key=lambda item: "sft" not in item[1].stages)
-        first = [(i, spec) for i, spec in by_length if not uses_self_replay(spec, settings)]
-        rest = [(i, spec) for i, spec in by_length if uses_self_replay(spec, settings)]
-        # The base's eval answers are warmed the same way, while the runs train (their evaluation is minutes away).
-        with ThreadPoolExecutor(parallel, thread_name_prefix="demo-run") as pool, blas.threads(blas_threads(parallel)):
-            futures = [pool.submit(run, i, spec) for i, spec in first]
-            if rest:
-                warm_self_replay(dirs, base_dir, base_id, settings, say)
-            futures += [pool.submit(run, i, spec) for i, spec in rest]
-            warm_base_answers(dirs, base_dir, base_id, say)
+        with ThreadPoolExecutor(parallel, thread_name_prefix="demo-run") as pool:
+            futures = [pool.submit(run, i, spec) for i, spec in by_length]
             for future in futures:
                 future.result()
     main_recipe = recipes[variants[0].suffix]

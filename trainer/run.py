@@ -320,12 +320,18 @@ def _answerer(base_dir: Path, base_id: str, options: RunOptions) -> Callable[[li
 
 
 def warm_base_answers(
-    base_dir: Path, base_id: str, eval_items: list[EvalItem], options: RunOptions, answers_cache: Path
+    base_dir: Path,
+    base_id: str,
+    eval_items: list[EvalItem],
+    options: RunOptions,
+    answers_cache: Path,
+    ask: Callable[[list[Ask], int], list[Reply]] | None = None,
 ) -> int:
     """Ask the base, now, every probe a run with ``eval_items`` would ask it, into the cache its evaluation reads.
 
     Runs started together on one base would each ask the base the same questions (the first to finish writes the
-    cache); the demo warms it once instead. Returns how many questions had to be asked.
+    cache); the demo warms it once instead. ``ask(asks, max_tokens)`` answers (default: as a run would). Returns
+    how many questions had to be asked.
     """
     path = base_answers_path(answers_cache, base_id, base_dir, options)
     sets = probe_sets(IngestResult(eval_items=list(eval_items)), options.probes_dir)
@@ -333,6 +339,8 @@ def warm_base_answers(
 
     def answer(asks: list[Ask]) -> list[Reply]:
         asked.append(len(asks))
+        if ask is not None:
+            return ask(asks, options.eval_max_tokens)
         return _answerer(base_dir, base_id, options)(asks)
 
     evaluate_models({"base": None}, sets, [], answer, base_answers=path)

@@ -20,12 +20,15 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from solverx.adapters.fingerprint import base_fingerprint
 from solverx.data import DATA_DIR
 from solverx.trainer.validate import SftRecord
 
 REPLAY_QUESTIONS = DATA_DIR / "replay" / "questions.txt"
+# (asks, max_tokens, on_progress) -> replies, as trainer.answers gives them
+Answerer = Callable[[list[Any], int, Callable[[int, int], None] | None], list[tuple[str, str | None]]]
 
 FORMAT = "solverx-self-replay/1"
 DEFAULT_PROMPTS = 200
@@ -102,15 +105,23 @@ def _read(path: Path, header: dict) -> list[SftRecord] | None:
 
 
 def generate_answers(
-    base_dir: Path, base_id: str, prompts: list[str], max_tokens: int, on_progress: Callable[[int, int], None]
+    base_dir: Path,
+    base_id: str,
+    prompts: list[str],
+    max_tokens: int,
+    on_progress: Callable[[int, int], None],
+    answer: Answerer | None = None,
 ) -> list[tuple[str, str]]:
-    """(question, answer) for each prompt the base answers to the end within ``max_tokens`` (greedy); in a
-    distributed run every rank answers its share."""
+    """(question, answer) for each prompt the base answers to the end within ``max_tokens`` (greedy); ``answer``
+    asks them (default: in a distributed run every rank answers its share)."""
     from solverx.trainer.answers import Ask
     from solverx.trainer.distributed import answer_everywhere, world
 
     asks = [Ask(question) for question in prompts]
-    replies = answer_everywhere(world(), base_dir, base_id, asks, max_tokens, on_progress)
+    if answer is None:
+        replies = answer_everywhere(world(), base_dir, base_id, asks, max_tokens, on_progress)
+    else:
+        replies = answer(asks, max_tokens, on_progress)
     # An answer cut off by the token limit would teach the model to stop mid-sentence: left out.
     return [
         (q, text.strip())
@@ -128,15 +139,17 @@ def self_replay_records(
     count: int = DEFAULT_PROMPTS,
     max_tokens: int = MAX_ANSWER_TOKENS,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    answer: Answerer | None = None,
 ) -> list[SftRecord]:
-    """The base's answers as SFT records, from the cache or generated (then cached) when it has none."""
+    """The base's answers as SFT records, from the cache or generated (then cached) when it has none; ``answer``
+    as in :func:`generate_answers`."""
     prompts = pick_prompts(general_dir, count)
     header = _header(Path(base_dir), prompts, max_tokens)
     path = cache_path(cache_dir, base_id, Path(base_dir), count)
     cached = _read(path, header)
     if cached is not None:
         return cached
-    pairs = generate_answers(Path(base_dir), base_id, prompts, max_tokens, on_progress)
+    pairs = generate_answers(Path(base_dir), base_id, prompts, max_tokens, on_progress, answer)
     lines = [json.dumps(header)]
     lines += [
         json.dumps(
