@@ -71,7 +71,7 @@ def _rates_table(report: DemoReport) -> list[str]:
             state = variant.state if variant is not None else "missing"
             lines.append(f"| {label} | {what} | — | — | — | — | — | — | — | {state} |")
             continue
-        gate = "—" if model == BASE else ("passed" if variant.passed else "failed")
+        gate = "—" if model.startswith(BASE) else ("passed" if variant.passed else "failed")  # a base passes no gate
         split = model_rates(variant, model)
         lines.append(
             f"| {label} | {what} | {percent(variant.rate(model, 'domain_accuracy'))} "
