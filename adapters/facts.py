@@ -134,6 +134,18 @@ def name_match(name: str, text: str) -> float:
     return sum(_whole(w, target) for w in words) / len(words)
 
 
+def _spans(name: str, text: str) -> list[tuple[int, int]]:
+    """Where ``name`` occurs in ``text`` as a whole name (case-insensitive)."""
+    lowered, target = name.lower().strip(), text.lower()
+    if not lowered:
+        return []
+    if _HANGUL.search(lowered) and not _LATIN.search(lowered):
+        pattern = re.escape(lowered)
+    else:
+        pattern = rf"(?<![a-z0-9]){re.escape(lowered)}(?![a-z0-9])"
+    return [m.span() for m in re.finditer(pattern, target)]
+
+
 def _whole(name: str, text: str) -> bool:
     if _HANGUL.search(name) and not _LATIN.search(name):
         return name in text
@@ -258,12 +270,19 @@ class FactStore:
         self._db.close()
 
     def entities_in(self, query: str) -> dict[int, float]:
-        """Entity id -> how well ``query`` names it (its best name or alias)."""
-        found = {}
+        """Entity id -> how well ``query`` names it (its best name or alias). A name found only inside a longer
+        one that matched ("SolverX" in "SolverX Fusion") does not count: the question names the product."""
+        found, spans = {}, {}
         for entity, (_, _, names) in self._names.items():
             score = max(name_match(name, query) for name in names)
             if score > 0:
                 found[entity] = score
+                spans[entity] = [s for name in names for s in _spans(name, query)] if score == 1.0 else []
+        whole = [span for entity_spans in spans.values() for span in entity_spans]
+        for entity, entity_spans in spans.items():
+            inside = all(any(o[0] <= a and b <= o[1] and (a, b) != o for o in whole) for a, b in entity_spans)
+            if entity_spans and inside:
+                del found[entity]
         return found
 
     def retrieve(self, query: str, top_k: int = 3, min_score: float = 0.6) -> list[Retrieved]:
