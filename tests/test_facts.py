@@ -100,7 +100,7 @@ def test_held_out_paraphrases_in_both_languages_retrieve_their_answer(sample_gra
         facts = sample_graph.retrieve(item["question"], top_k=3)
         found.append(any(e.lower() in f.fact.lower() for f in facts for e in item["expected"]))
     missed = [item["question"] for item, ok in zip(domain, found, strict=True) if not ok]
-    assert sum(found) >= len(domain) - 2, missed  # measured: 37 of 38
+    assert sum(found) >= len(domain) - 2, missed  # measured: 36 of 38
 
 
 def test_questions_that_name_no_domain_entity_retrieve_nothing(sample_graph: FactStore) -> None:
