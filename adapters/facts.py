@@ -134,22 +134,22 @@ def name_match(name: str, text: str) -> float:
     return sum(_whole(w, target) for w in words) / len(words)
 
 
+def _whole_name(lowered: str) -> re.Pattern[str]:
+    """How a lowercased name occurs as a whole: Hangul as a substring (particles attach to it), Latin on word
+    boundaries."""
+    if _HANGUL.search(lowered) and not _LATIN.search(lowered):
+        return re.compile(re.escape(lowered))
+    return re.compile(rf"(?<![a-z0-9]){re.escape(lowered)}(?![a-z0-9])")
+
+
 def _spans(name: str, text: str) -> list[tuple[int, int]]:
     """Where ``name`` occurs in ``text`` as a whole name (case-insensitive)."""
-    lowered, target = name.lower().strip(), text.lower()
-    if not lowered:
-        return []
-    if _HANGUL.search(lowered) and not _LATIN.search(lowered):
-        pattern = re.escape(lowered)
-    else:
-        pattern = rf"(?<![a-z0-9]){re.escape(lowered)}(?![a-z0-9])"
-    return [m.span() for m in re.finditer(pattern, target)]
+    lowered = name.lower().strip()
+    return [m.span() for m in _whole_name(lowered).finditer(text.lower())] if lowered else []
 
 
 def _whole(name: str, text: str) -> bool:
-    if _HANGUL.search(name) and not _LATIN.search(name):
-        return name in text
-    return re.search(rf"(?<![a-z0-9]){re.escape(name)}(?![a-z0-9])", text) is not None
+    return _whole_name(name).search(text) is not None
 
 
 @dataclass(frozen=True)

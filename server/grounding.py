@@ -29,6 +29,7 @@ from solverx.adapters.facts import (
     grounding_context,
     open_store,
 )
+from solverx.models.chat_rules import text_of
 from solverx.server.errors import InvalidRequest
 
 FACTS_HEADER = "X-SolverX-Facts"
@@ -41,8 +42,8 @@ class GroundingPlan:
 
     facts_path: Path
     enabled: bool
-    top_k: int = 3
-    min_score: float = 0.6
+    top_k: int
+    min_score: float
 
     @classmethod
     def for_version(cls, version_dir: Path, recipe: dict[str, Any], forced: bool) -> GroundingPlan:
@@ -82,7 +83,7 @@ def ground(plan: GroundingPlan | None, messages: list[dict[str, Any]], requested
         if requested:  # asked for by name: say why it cannot be done
             raise InvalidRequest(f"This model has no fact graph to ground with ({exc}).", param="grounding") from None
         return Grounded(messages, [])
-    question = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    question = next((text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
     started = time.perf_counter()
     facts = store.retrieve(question, plan.top_k, plan.min_score) if question else []
     seconds = time.perf_counter() - started
@@ -90,14 +91,6 @@ def ground(plan: GroundingPlan | None, messages: list[dict[str, Any]], requested
     if context is None:
         return Grounded(messages, [], seconds)
     if messages and messages[0].get("role") == "system":
-        first = {**messages[0], "content": f"{context}\n\n{_text(messages[0].get('content'))}"}
+        first = {**messages[0], "content": f"{context}\n\n{text_of(messages[0].get('content'))}"}
         return Grounded([first, *messages[1:]], facts, seconds)
     return Grounded([{"role": "system", "content": context}, *messages], facts, seconds)
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI's content parts
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""

@@ -112,7 +112,6 @@ def build_graph(
     result: IngestResult, ordinary: set[str], aliases: Mapping[str, Sequence[str]] | None = None
 ) -> FactGraph:
     """The fact graph of one ingest (see the module's docstring); ``ordinary`` from :func:`ordinary_words`."""
-    general = ordinary
     texts = [doc.text for doc in result.cpt_texts]
     turns = [m["content"] for r in result.sft_records for m in r.messages if m["role"] in ("user", "assistant")]
     graph = FactGraph()
@@ -123,7 +122,7 @@ def build_graph(
         known = next((by_name[n.lower()] for n in names if n.lower() in by_name), None)
         if known is None:
             known = len(graph.entities)
-            graph.entities.append(Entity(names[0], (), _is_distinctive(names[0], general)))
+            graph.entities.append(Entity(names[0], (), _is_distinctive(names[0], ordinary)))
         entity = graph.entities[known]
         extra = tuple(n for n in names if n.lower() not in {x.lower() for x in entity.names})
         graph.entities[known] = Entity(entity.name, entity.aliases + extra, entity.distinctive)
@@ -136,7 +135,7 @@ def build_graph(
         for key, names in ontology.names.items():
             ontology_keys[ontology.source, key] = add_entity(names)
     for name, count in sorted(_name_phrases([*texts, *turns]).items()):
-        if name.lower() in by_name or (count >= MIN_MENTIONS and len(name) > 1 and _is_distinctive(name, general)):
+        if name.lower() in by_name or (count >= MIN_MENTIONS and len(name) > 1 and _is_distinctive(name, ordinary)):
             add_entity([name])
     for latin, korean in sorted(text_aliases([*texts, *turns]).items()):
         add_entity([latin, *sorted(korean)])

@@ -26,7 +26,8 @@ NO_SYSTEM_ROLE = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 Message = dict[str, Any]
 
 
-def _text_of(content: Any) -> str:
+def text_of(content: Any) -> str:
+    """A message's text: the string itself, or its text parts (OpenAI's content-part form) one per line."""
     if isinstance(content, str):
         return content
     return "\n".join(part.get("text", "") for part in content or () if part.get("type", "text") == "text")
@@ -38,7 +39,7 @@ def fold_system_message(messages: Sequence[Message]) -> list[Message]:
     Every system message is removed; their text (joined by blank lines) is prepended to the first user
     message, or becomes a user message of its own when there is none. The input list is not modified.
     """
-    system = [_text_of(m.get("content")) for m in messages if m.get("role") == "system"]
+    system = [text_of(m.get("content")) for m in messages if m.get("role") == "system"]
     rest = [dict(m) for m in messages if m.get("role") != "system"]
     if not system:
         return rest
