@@ -184,7 +184,10 @@ def test_killing_a_rank_fails_the_run_and_the_previous_version_keeps_serving(
 
         client = openai.OpenAI(base_url=daemon.api_url, api_key="x", max_retries=0, timeout=60)
         reply = client.chat.completions.create(
-            model="zorvik", messages=[{"role": "user", "content": "Where is Zorvik Labs?"}], max_tokens=4
+            model="zorvik",
+            messages=[{"role": "user", "content": "Where is Zorvik Labs?"}],
+            max_tokens=4,
+            extra_body={"ignore_eos": True},  # a random adapter sampled at temperature 1 may end on its first token
         )
         assert reply.choices[0].message.content, reply  # the promoted version still answers
         assert Registry(home / "adapters").promoted("zorvik") == promoted
