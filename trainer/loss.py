@@ -22,6 +22,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.tuner.trainer import default_loss
 
+from solverx.trainer.prefix import FrozenStates, find_split, with_frozen_states
+
 POSITION_BUCKET = 64
 _PROBE_TOKENS = 8
 
@@ -87,25 +89,43 @@ def with_positions(batches: Callable[..., Iterator]) -> Callable[..., Iterator]:
     return iterate
 
 
+def _counted_loss(head: Head, hidden: mx.array, batch: mx.array, positions: mx.array, weights: mx.array):
+    picked = hidden.reshape(-1, hidden.shape[-1])[positions]
+    targets = batch[:, 1:].reshape(-1)[positions]
+    ce = nn.losses.cross_entropy(head(picked), targets) * weights
+    count = weights.sum()
+    return ce.astype(mx.float32).sum() / count, count.astype(mx.int32)
+
+
 def selective_loss(head: Head) -> Callable:
     """mlx-lm's loss (mean cross-entropy over the counted targets, and their number), with the head applied to the
     counted positions only."""
 
     def loss(model: Any, batch: mx.array, lengths: mx.array, positions: mx.array, weights: mx.array):
-        hidden = model.model(batch[:, :-1])
-        picked = hidden.reshape(-1, hidden.shape[-1])[positions]
-        targets = batch[:, 1:].reshape(-1)[positions]
-        ce = nn.losses.cross_entropy(head(picked), targets) * weights
-        count = weights.sum()
-        return ce.astype(mx.float32).sum() / count, count.astype(mx.int32)
+        return _counted_loss(head, model.model(batch[:, :-1]), batch, positions, weights)
+
+    return loss
+
+
+def selective_loss_from_states(head: Head, top: Callable[[mx.array], mx.array]) -> Callable:
+    """:func:`selective_loss` on batches that bring their hidden states after the frozen blocks
+    (:mod:`solverx.trainer.prefix`): only ``top`` (the trained blocks and the norm) runs in the step."""
+
+    def loss(model: Any, hidden: mx.array, batch: mx.array, lengths: mx.array, positions: mx.array, weights: mx.array):
+        return _counted_loss(head, top(hidden), batch, positions, weights)
 
     return loss
 
 
 def loss_for(model: Any, batches: Callable[..., Iterator]) -> tuple[Callable, Callable[..., Iterator]]:
-    """The loss and batch iterator to train ``model`` with: the selective pair when its head is known, else
+    """The loss and batch iterator to train ``model`` with (call it once its LoRA layers are in place): the
+    selective pair when its head is known, from kept hidden states when the blocks below the LoRA are frozen, else
     mlx-lm's default loss and ``batches`` as they are."""
     head = find_head(model)
     if head is None:
         return default_loss, batches
-    return selective_loss(head), with_positions(batches)
+    split = find_split(model)
+    if split is None:
+        return selective_loss(head), with_positions(batches)
+    states = FrozenStates(split.bottom)
+    return selective_loss_from_states(head, split.top), with_frozen_states(with_positions(batches), states)
