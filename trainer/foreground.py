@@ -7,6 +7,7 @@ record.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -60,10 +61,11 @@ def start_child(
     default_base: str | None = None,
     hosts: TrainHosts | None = None,
     blas_threads: int | None = None,
+    niceness: int = 0,
 ) -> ChildRun:
     """Start ``python -m solverx.trainer.child`` for ``adapter``'s inbox (on ``hosts``' ranks when there are
-    several); its output goes to ``<run>/child.log``. ``blas_threads`` caps OpenBLAS's threads (runs sharing
-    the machine)."""
+    several); its output goes to ``<run>/child.log``. ``blas_threads`` caps OpenBLAS's threads and ``niceness``
+    lowers the child's CPU priority (runs sharing the machine)."""
     run_id = new_run_id(adapter)
     run_dir = dirs.runs / run_id
     run_dir.mkdir(parents=True)
@@ -73,4 +75,6 @@ def start_child(
     env = hosts.env() | ({"OPENBLAS_NUM_THREADS": str(blas_threads)} if blas_threads else {})
     with (run_dir / CHILD_OUTPUT).open("ab") as output:
         process = subprocess.Popen(hosts.command(args), cwd=dirs.root, env=env, stdout=output, stderr=subprocess.STDOUT)
+    if niceness:  # set from outside: a preexec_fn is unsafe in a threaded parent
+        os.setpriority(os.PRIO_PROCESS, process.pid, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
     return ChildRun(run_id, run_dir, process)
