@@ -11,6 +11,7 @@ import pytest
 from solverx.models.checkpoints import safetensors_header, tensor_nbytes
 from solverx.models.lookalikes import build_llama, llama_config
 from solverx.models.memory_plan import (
+    KEPT_STATES_BYTES,
     GiB,
     ModelShape,
     TrainPlanArgs,
@@ -101,6 +102,16 @@ def test_gemma2_9b_8bit_serves_and_trains_concurrently_with_small_batches() -> N
     assert big.activations > 20 * GiB  # 256k-entry vocab: the logits of 4 × 2048 tokens dominate
     assert big.recommendation == "serve-only"
     assert any("checkpointing would save" in note for note in big.notes)
+
+
+def test_training_counts_the_states_it_keeps_below_the_lora() -> None:
+    common = dict(q_bits=8, context=4096, train=TrainPlanArgs(1, 2048), grad_checkpoint=True, machine_bytes=MAC_48GB)
+    below = plan(HCX_32B_VLM, lora_layers=16, **common)
+    every = plan(HCX_32B_VLM, lora_layers=72, **common)  # all of its blocks
+    assert below.kept_states == KEPT_STATES_BYTES and every.kept_states == 0
+    assert below.train_total == below.weights + below.lora_state + below.activations + KEPT_STATES_BYTES
+    assert "kept states" in format_plan(below) and "kept states" not in format_plan(every)
+    assert plan(GEMMA2_9B, lora_layers=16, **common).kept_states == 0  # its scaled embedding: the whole model runs
 
 
 def test_os_reserve_is_configurable_and_moves_the_verdict() -> None:

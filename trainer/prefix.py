@@ -24,8 +24,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
-# Kept hidden states beyond this are computed again when needed (SmolLM2: ~0.37 MB a 161-token row, so ~5,000 rows).
-CACHE_BYTES = 2 << 30
+from solverx.models.memory_plan import KEPT_STATES_BYTES
+
 _PROBE_TOKENS = 8
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -87,9 +87,10 @@ def find_split(model: Any) -> Split | None:
 
 class FrozenStates:
     """Each distinct row's hidden states after the frozen blocks, computed on its first appearance and kept (up to
-    ``budget`` bytes; rows past it are computed again each time)."""
+    ``budget`` bytes, which ``solverx plan`` counts; rows past it are computed again each time: SmolLM2 keeps
+    ~0.37 MB for a 161-token row)."""
 
-    def __init__(self, bottom: Callable[[mx.array], mx.array], budget: int = CACHE_BYTES) -> None:
+    def __init__(self, bottom: Callable[[mx.array], mx.array], budget: int = KEPT_STATES_BYTES) -> None:
         self.bottom, self.budget = bottom, budget
         self.rows: dict[bytes, mx.array] = {}
         self.kept_bytes = 0

@@ -15,7 +15,8 @@ with the terms checked against measured peaks (``bench/memory_plan.py``):
 - training: a second copy of the base (training runs in a child process), LoRA parameters, their gradients and
   two Adam moments (fp32, adapter parameters only), and activations — every tensor a LoRA layer keeps for the
   backward pass, or with gradient checkpointing only each layer's input plus one layer recomputed — and the
-  logits with their cross-entropy gradient.
+  logits with their cross-entropy gradient; with blocks below the LoRA, the hidden states kept after them
+  (``trainer/prefix.py``: at most :data:`KEPT_STATES_BYTES`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Literal
 
 GiB = 1024**3
+# The most a training run keeps of its rows' hidden states below the first LoRA block (trainer/prefix.py); rows past
+# it are computed again at each step. SmolLM2 on data/solverx needs ~0.1 GiB of it.
+KEPT_STATES_BYTES = GiB // 2
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
 PREFILL_STEP = 2048  # mlx-lm's default prefill_step_size
 DEFAULT_OS_RESERVE = 0.25  # left to macOS and other apps; Metal's default working-set limit is about 75 % of RAM
@@ -35,6 +39,7 @@ LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _TIED_FAMILIES = frozenset({"gemma", "gemma2", "gemma3_text"})
 _EXTRA_NORMS = {"gemma2": 2, "gemma3_text": 2}  # pre/post feed-forward norms
+_SCALED_EMBEDDINGS = frozenset({"gemma", "gemma2", "gemma3_text"})  # no kept states: the split is not exact
 # Activation coefficients, measured against mx.get_peak_memory (bench/memory_plan.py, mlx 0.32 CPU, fp32).
 # Least-squares fit over 25 runs (3M and 25M llamas, fp32 and 8-bit, 1–8 LoRA layers, vocab 512–8192): all
 # within ±6.5 %.
@@ -172,6 +177,7 @@ class MemoryPlan:
     os_reserve: float
     shared_weights: bool = False
     notes: list[str] = field(default_factory=list)
+    kept_states: int = 0  # hidden states kept below the first LoRA block (part of train_total)
 
     @property
     def budget(self) -> int:
@@ -320,11 +326,13 @@ def plan(
     serve_total = weights + kv + workspace + adapters
 
     notes: list[str] = []
-    lora_state = activations = train_total = 0
+    lora_state = activations = train_total = kept_states = 0
     if train is not None:
         lora_state = adapter_params * 4 * (2 + train.optimizer_moments)
         activations = activation_bytes(shape, train, lora_layers, grad_checkpoint, q_bits is not None)
-        train_total = weights + lora_state + activations
+        below = lora_layers < shape.num_layers and shape.model_type not in _SCALED_EMBEDDINGS
+        kept_states = KEPT_STATES_BYTES if below else 0
+        train_total = weights + lora_state + activations + kept_states
         if not grad_checkpoint:
             saved = activations - activation_bytes(shape, train, lora_layers, True, q_bits is not None)
             if saved > 0.2 * train_total:
@@ -352,6 +360,7 @@ def plan(
         os_reserve=os_reserve,
         shared_weights=shared_weights,
         notes=notes,
+        kept_states=kept_states,
     )
 
 
@@ -379,6 +388,11 @@ def format_plan(p: MemoryPlan) -> str:
             f"  base weights       {_gib(p.weights)}",
             f"  adapter + Adam     {_gib(p.lora_state)}",
             f"  activations        {_gib(p.activations)}",
+            *(
+                [f"  kept states        {_gib(p.kept_states)}  (below the first LoRA block, at most)"]
+                if p.kept_states
+                else []
+            ),
             f"  total              {_gib(p.train_total)}",
             f"serving + training   {_gib(p.both_total)}",
         ]
