@@ -259,6 +259,7 @@ def test_bad_recipe_is_quarantined_and_the_run_refused(folder: Path, tmp_path: P
         ("[train]\nreplay_ratio = 1.5", "train.replay_ratio: must be at most 0.95"),
         ("[train]\nlearning_rate = 0", "train.learning_rate: must be greater than 0.0"),
         ("[train]\nbatch_size = 0", "train.batch_size: must be at least 1"),
+        ('[train]\nlr_schedule = "linear"', "train.lr_schedule: must be one of 'constant', 'cosine', got 'linear'"),
         ("[lora]\nnum_layers = 0", "lora.num_layers: must be -1"),
         ("[lora]\nkeys = []", "lora.keys: expected a non-empty list of strings"),
         ("[eval]\nmin_domain_accuracy = 2.0", "eval.min_domain_accuracy: must be at most 1.0"),

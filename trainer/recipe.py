@@ -55,6 +55,7 @@ class TrainSettings:
     cpt_iters: int = _setting(200, "continual pre-training steps on the raw text (0 skips the stage)")
     sft_iters: int = _setting(600, "SFT steps on Q&A, chats and identity, prompt masked, resumed from CPT (0 skips)")
     learning_rate: float = _setting(5e-4, "Adam learning rate")
+    lr_schedule: str = _setting("constant", '"constant", or "cosine": warm up over 5 % of the steps, then decay to 0')
     batch_size: int = _setting(4, "sequences per step (batched by like length)")
     max_seq_length: int = _setting(512, "longest sequence in tokens; longer chats are left out, with a note")
     replay_ratio: float = _setting(0.2, "share of every batch's sequences drawn from replay, mixed per sequence")
@@ -160,7 +161,10 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("grounding", "min_score"): (0.0, 1.0, False),
     ("grounding", "max_leakage_increase"): (0.0, 1.0, True),
 }
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("train", "replay_source"): ("general", "self")}
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("train", "replay_source"): ("general", "self"),
+    ("train", "lr_schedule"): ("constant", "cosine"),
+}
 
 
 def format_recipe(tables: Mapping[str, Mapping[str, Any]], **top: Any) -> str:

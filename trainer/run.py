@@ -276,6 +276,7 @@ def _train(
         iters=recipe.train.cpt_iters if stage == "cpt" else recipe.train.sft_iters,
         batch_size=recipe.train.batch_size,
         learning_rate=recipe.train.learning_rate,
+        lr_schedule=recipe.train.lr_schedule,
         max_seq_length=recipe.train.max_seq_length,
         seed=recipe.seed,
     )

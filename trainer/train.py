@@ -34,6 +34,7 @@ class StageSettings:
     iters: int = 100
     batch_size: int = 4
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": a linear warm-up over WARMUP_SHARE of the steps, then cosine to 0
     max_seq_length: int = 512
     steps_per_report: int = 10
     seed: int = 0
@@ -156,7 +157,7 @@ def train_stage(
     started = time.perf_counter()
     mlx_train(
         model,
-        optim.Adam(learning_rate=settings.learning_rate),
+        optim.Adam(learning_rate=learning_rate_schedule(settings)),
         train_set,
         valid_set if valid_set else None,
         args=args,
@@ -168,6 +169,23 @@ def train_stage(
     result.tokens_per_second = result.trained_tokens / result.seconds if result.seconds else 0.0
     write_adapter_config(out_dir, lora, num_layers, {"stage": stage, "training": asdict(settings)})
     return result
+
+
+WARMUP_SHARE = 0.05
+
+
+def learning_rate_schedule(settings: StageSettings) -> float | Callable[[mx.array], mx.array]:
+    """The stage's learning rate: constant, or warmed up linearly and then decayed along a cosine to 0."""
+    if settings.lr_schedule == "constant" or settings.iters < 2:
+        return settings.learning_rate
+    warmup = max(1, round(WARMUP_SHARE * settings.iters))
+    return optim.join_schedules(
+        [
+            optim.linear_schedule(settings.learning_rate / warmup, settings.learning_rate, warmup),
+            optim.cosine_decay(settings.learning_rate, settings.iters - warmup),
+        ],
+        [warmup],
+    )
 
 
 def unfamiliar_replay(result: StageResult, vocab_size: int) -> str | None:
