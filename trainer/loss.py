@@ -22,10 +22,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.tuner.trainer import default_loss
 
-from solverx.trainer.prefix import FrozenStates, find_split, with_frozen_states
+from solverx.trainer.prefix import FrozenStates, find_split, same_on_a_probe, with_frozen_states
 
 POSITION_BUCKET = 64
-_PROBE_TOKENS = 8
 
 Head = Callable[[mx.array], mx.array]  # hidden states (..., hidden) -> logits (..., vocab)
 
@@ -55,13 +54,7 @@ def find_head(model: Any) -> Head | None:
         logits = lm_head(hidden) if lm_head is not None else embed.as_linear(hidden)
         return mx.tanh(logits / cap) * cap if cap else logits
 
-    try:
-        probe = mx.arange(1, _PROBE_TOKENS + 1)[None]
-        ours, theirs = head(decoder(probe)), model(probe)
-        same = ours.shape == theirs.shape and mx.allclose(ours, theirs, rtol=1e-4, atol=1e-4).item()
-    except (TypeError, ValueError, AttributeError):
-        return None
-    return head if same else None
+    return head if same_on_a_probe(lambda probe: head(decoder(probe)), model) else None
 
 
 def target_positions(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
