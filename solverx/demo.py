@@ -67,7 +67,7 @@ def budget(base_id: str, *, quick: bool = False) -> TrainSettings:
     """
     full = recipe_defaults(base_id).train
     if base_id == SMOLLM_BASE_ID:
-        return replace(full, cpt_iters=4, sft_iters=40, self_replay_prompts=60) if quick else full
+        return replace(full, cpt_iters=3, sft_iters=30, self_replay_prompts=40) if quick else full
     full = replace(full, batch_size=8, max_seq_length=256)  # the tiny chat base's budget, as measured before
     return replace(full, cpt_iters=60, sft_iters=240) if quick else full
 

@@ -3,9 +3,10 @@
 A real base's recipe adapts only its last blocks (SmolLM2: 16 of 30), so the blocks below them are frozen base
 weights with nothing to learn: a row's hidden states after them are the same at every step and every epoch. The
 stage runs them once per distinct row (batched, on a row's first appearance), keeps the result, and each step runs
-only the adapted blocks, the norm and the head (measured on SmolLM2, 4 x 161 tokens, LoRA on 16 blocks: 5.5 s a
-step with the whole model, 4.0 s from the kept states; ``bench/loss.py``). The gradient is the same: nothing below
-the first adapted block has a parameter to train.
+only the adapted blocks, the norm and the head (measured on SmolLM2, LoRA on 16 blocks: 4 x 161 random tokens
+5.5 s a step with the whole model and mlx-lm's loss, 4.0 s from the kept states; the default run's 220 SFT steps on
+data/solverx 682 s -> 479 s with the selective loss; ``bench/loss.py`` compares them). The gradient is the same:
+nothing below the first adapted block has a parameter to train.
 
 A decoder this module cannot split exactly — ``top(bottom(x))`` must equal the decoder's own output on a probe,
 which rules out embedding scales (Gemma) and sliding-window layers (whose mask depends on the length) — trains
