@@ -36,7 +36,6 @@ class Split:
     """The decoder cut below its first trained block: ``bottom`` (tokens -> hidden states after the frozen blocks)
     and ``top`` (those states -> the decoder's output: the trained blocks and the final norm)."""
 
-    first_trained: int
     bottom: Callable[[mx.array], mx.array]
     top: Callable[[mx.array], mx.array]
 
@@ -77,7 +76,7 @@ def find_split(model: Any) -> Split | None:
     def top(hidden: mx.array) -> mx.array:
         return decoder.norm(run(upper, hidden))
 
-    return Split(first, bottom, top) if same_on_a_probe(lambda probe: top(bottom(probe)), decoder) else None
+    return Split(bottom, top) if same_on_a_probe(lambda probe: top(bottom(probe)), decoder) else None
 
 
 def same_on_a_probe(ours: Callable[[mx.array], mx.array], theirs: Callable[[mx.array], mx.array]) -> bool:

@@ -38,8 +38,9 @@ DEFAULT_OS_RESERVE = 0.25  # left to macOS and other apps; Metal's default worki
 LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _TIED_FAMILIES = frozenset({"gemma", "gemma2", "gemma3_text"})
+# Gemma also scales its embedding inside the decoder, so training keeps no states below the LoRA (trainer/prefix.py)
+_SCALED_EMBEDDINGS = _TIED_FAMILIES
 _EXTRA_NORMS = {"gemma2": 2, "gemma3_text": 2}  # pre/post feed-forward norms
-_SCALED_EMBEDDINGS = frozenset({"gemma", "gemma2", "gemma3_text"})  # no kept states: the split is not exact
 # Activation coefficients, measured against mx.get_peak_memory (bench/memory_plan.py, mlx 0.32 CPU, fp32).
 # Least-squares fit over 25 runs (3M and 25M llamas, fp32 and 8-bit, 1–8 LoRA layers, vocab 512–8192): all
 # within ±6.5 %.
