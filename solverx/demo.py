@@ -116,13 +116,33 @@ def stage_inbox(
             shutil.copyfile(path, inbox / path.name)
         elif path.suffix == ".jsonl":
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [line for line in lines if language_of(line) in languages]
+            kept = [line for line in lines if language_of(_line_text(line)) in languages]
             if kept:
                 (inbox / path.name).write_text("".join(kept), encoding="utf-8")
         elif language_of(path.read_text(encoding="utf-8")) in languages:
             shutil.copyfile(path, inbox / path.name)
     (inbox / "recipe.toml").write_text(recipe, encoding="utf-8")
     return inbox
+
+
+def _line_text(line: str) -> str:
+    """What a ``.jsonl`` line says: its string values, without the keys and roles (``"messages"``, ``"assistant"``
+    would make every Korean chat count as English); the line itself where it is not JSON."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return line
+
+    def strings(item, key: str = "") -> list[str]:
+        if isinstance(item, str):
+            return [] if key == "role" else [item]
+        if isinstance(item, dict):
+            return [text for k, v in item.items() for text in strings(v, k)]
+        if isinstance(item, list):
+            return [text for v in item for text in strings(v, key)]
+        return []
+
+    return " ".join(strings(value))
 
 
 def ensure_base(

@@ -287,6 +287,13 @@ def test_an_english_base_is_given_the_english_part_of_the_corpus_and_every_probe
     qa_en = (english / "qa.jsonl").read_text(encoding="utf-8").splitlines()
     assert qa_en == [line for line in qa_all if language_of(line) == "en"]
     assert 100 < len(qa_en) < len(qa_all) and not any(hangul.search(json.loads(line)["question"]) for line in qa_en)
+    chats_all = (both / "chats.jsonl").read_text(encoding="utf-8").splitlines()
+    chats_en = (english / "chats.jsonl").read_text(encoding="utf-8").splitlines()
+    korean_chats = [
+        line for line in chats_all if all(hangul.search(m["content"]) for m in json.loads(line)["messages"])
+    ]
+    assert korean_chats and not set(korean_chats) & set(chats_en)  # judged by what they say, not by their JSON keys
+    assert len(chats_en) == len(chats_all) - len(korean_chats)
     assert language_of("SolverX's Korean name is 솔버엑스.") == "en"
     assert language_of("솔버엑스 본사는 서초동에 있다.") == "ko"
     assert languages_for("solverx-tiny-chat") == ("en", "ko")
