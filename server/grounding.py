@@ -29,7 +29,7 @@ from solverx.adapters.facts import (
     grounding_context,
     open_store,
 )
-from solverx.models.chat_rules import text_of
+from solverx.models.chat_rules import text_of, with_context
 from solverx.server.errors import InvalidRequest
 
 FACTS_HEADER = "X-SolverX-Facts"
@@ -90,7 +90,4 @@ def ground(plan: GroundingPlan | None, messages: list[dict[str, Any]], requested
     context = grounding_context(facts)
     if context is None:
         return Grounded(messages, [], seconds)
-    if messages and messages[0].get("role") == "system":
-        first = {**messages[0], "content": f"{context}\n\n{text_of(messages[0].get('content'))}"}
-        return Grounded([first, *messages[1:]], facts, seconds)
-    return Grounded([{"role": "system", "content": context}, *messages], facts, seconds)
+    return Grounded(with_context(messages, context), facts, seconds)

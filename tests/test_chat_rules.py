@@ -1,6 +1,7 @@
 """A model is trained on exactly the prompts it is served: the engine and the SFT datasets encode one conversation
-through the same chat rules (solverx.models.chat_rules), for a ChatML base and for a Gemma 2 that has no system role;
-and tools reach a template that renders them itself as OpenAI's messages, any other as the documented Hermes block."""
+through the same chat rules (solverx.models.chat_rules), for a ChatML base and for a Gemma 2 that has no system role,
+grounded turns included (the facts the server would retrieve, in the same place); and tools reach a template that
+renders them itself as OpenAI's messages, any other as the documented Hermes block."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from solverx.adapters.facts import FACTS_FILE, Entity, Fact, FactGraph, write_graph
 from solverx.engine.core import Engine
 from solverx.models.lookalikes import build_gemma2
+from solverx.server.grounding import GroundingPlan, ground
 from solverx.server.schemas import parse_chat_request
-from solverx.trainer.datasets import build_sft_dataset
+from solverx.trainer.datasets import build_sft_dataset, grounded_pick
+from solverx.trainer.recipe import Grounding, Recipe
+from solverx.trainer.run import grounding_for
+from solverx.trainer.validate import SftRecord
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one short sentence."},
@@ -57,6 +63,63 @@ def test_gemma_base_folds_system_turns_alike_when_serving_and_training(gemma2: P
     text = engine.tokenizer.decode(served[1])
     assert "Answer in one short sentence.\n\nBe polite.\n\nWhere is the head office?" in text
     assert "system" not in text
+
+
+def fact_graph(path: Path) -> Path:
+    """A two-fact graph about SolverX, as the trainer would write it beside a version."""
+    graph = FactGraph(
+        entities=[Entity("SolverX", ("솔버엑스",))],
+        facts=[
+            Fact("SolverX's headquarters is in Seocho-dong, Seoul.", "qa.jsonl:1", (0,), "Where is the head office?"),
+            Fact("SolverX's core product is SolverX Fusion.", "qa.jsonl:2", (0,), "What is the core product?"),
+        ],
+    )
+    return write_graph(graph, path / FACTS_FILE)
+
+
+@pytest.mark.parametrize("family", ["chatml", "gemma2"])
+def test_a_grounded_turn_is_trained_on_the_prompt_the_server_grounds(
+    family: str, tiny_model_dir: Path, gemma2: Path, tmp_path: Path
+) -> None:
+    model_dir = tiny_model_dir if family == "chatml" else gemma2
+    facts = fact_graph(tmp_path)
+    recipe = Recipe(grounding=Grounding(enabled=True, train_fraction=1.0))
+    chat = [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "Where is SolverX's head office?"},
+        {"role": "assistant", "content": "It is in Seocho-dong, Seoul."},
+        {"role": "user", "content": "And what is the weather like today?"},  # names no entity: nothing added
+        {"role": "assistant", "content": "I cannot see outside."},
+    ]
+    plan = GroundingPlan(facts, enabled=True, top_k=3, min_score=0.6)
+    engine = Engine(model_dir, model_dir.name).start()
+    try:
+        served_chats = [ground(plan, chat[:end], None) for end in (2, 4)]
+        served = [engine.encode_chat(grounded.messages) for grounded in served_chats]
+        dataset = build_sft_dataset(
+            [SftRecord("chats.jsonl:1", chat)], engine.tokenizer, 512, context_for=grounding_for(facts, recipe),
+            grounded_fraction=1.0,
+        )  # fmt: skip
+    finally:
+        engine.stop()
+    grounded = [s.tokens[: s.offset] for s in dataset.samples if s.kind == "grounded"]
+    plain = [s.tokens[: s.offset] for s in dataset.samples if s.kind == "sft"]
+    assert [len(g.facts) for g in served_chats] == [2, 0]
+    assert grounded == served  # token for token, in the family's own format
+    assert grounded[0] != plain[0] and grounded[1] == plain[1]  # the off-entity turn is served ungrounded
+    text = engine.tokenizer.decode(grounded[0])
+    assert "Seocho-dong" in text and "Answer in one short sentence." in text
+    assert ("system" in text) is (family == "chatml")  # Gemma gets the facts folded into the first user turn
+
+
+def test_a_grounded_fraction_picks_the_same_chats_whatever_their_order() -> None:
+    chats = [[{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}] for i in range(400)]
+    picked = {i for i, chat in enumerate(chats) if grounded_pick(chat, 0.3, seed=0)}
+    assert picked == {i for i, chat in reversed(list(enumerate(chats))) if grounded_pick(chat, 0.3, seed=0)}
+    assert 0.22 < len(picked) / len(chats) < 0.38
+    assert picked != {i for i, chat in enumerate(chats) if grounded_pick(chat, 0.3, seed=1)}
+    assert not any(grounded_pick(chat, 0.0, seed=0) for chat in chats)
+    assert all(grounded_pick(chat, 1.0, seed=0) for chat in chats)
 
 
 # -- tools: a template that renders them itself gets them, any other gets our Hermes block --------------------

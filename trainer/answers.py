@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from solverx.models.chat_rules import with_context
+
 
 class Ask(NamedTuple):
     """A question, the adapter directory that answers it (None: the base), and facts to give it first."""
@@ -27,8 +29,7 @@ Reply = tuple[str, str | None]  # the answer's text, and why it ended ("stop", "
 
 def messages_for(ask: Ask) -> list[dict[str, str]]:
     """The chat an ask is: its context as a system turn (folded by the model's chat rules where it has none)."""
-    system = [{"role": "system", "content": ask.context}] if ask.context else []
-    return [*system, {"role": "user", "content": ask.question}]
+    return with_context([{"role": "user", "content": ask.question}], ask.context or None)
 
 
 def greedy_answers(

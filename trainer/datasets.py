@@ -25,14 +25,14 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from solverx.models.chat_rules import ChatRules
+from solverx.models.chat_rules import ChatRules, with_context
 from solverx.trainer.recipe import Identity, Recipe
 from solverx.trainer.validate import IngestResult, LineError, SftRecord, TextDoc, parse_train_line
 
@@ -225,20 +225,29 @@ def build_cpt_dataset(
 
 
 def chat_samples(
-    messages: list[dict[str, str]], tokenizer: Any, rules: ChatRules | None = None
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    rules: ChatRules | None = None,
+    context_for: Callable[[str], str | None] | None = None,
 ) -> list[tuple[list[int], int]]:
     """(tokens, offset) for every assistant turn: the chat up to that turn, everything but its reply masked.
 
     Both the chat and its prompt are encoded by ``rules`` (:mod:`solverx.models.chat_rules`), exactly as the engine
-    encodes a request, so the model is trained on the prompts it is served.
+    encodes a request, so the model is trained on the prompts it is served. With ``context_for`` (a question's
+    grounding facts, as the server retrieves them) each turn's prompt is grounded as the server would ground that
+    request: the facts for the user message just before the reply, as a leading system turn.
     """
     rules = rules or ChatRules.for_tokenizer(tokenizer)
     out = []  # each turn is encoded from the chat *before* it, as a request for that turn would be served
     for end, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        tokens = rules.encode(tokenizer, messages[: end + 1], add_generation_prompt=False)
-        prompt = rules.encode(tokenizer, messages[:end], add_generation_prompt=True)
+        before = messages[:end]
+        if context_for is not None:
+            question = next((m["content"] for m in reversed(before) if m["role"] == "user"), "")
+            before = with_context(before, context_for(question) if question else None)
+        tokens = rules.encode(tokenizer, [*before, message], add_generation_prompt=False)
+        prompt = rules.encode(tokenizer, before, add_generation_prompt=True)
         offset = 0
         for a, b in zip(prompt, tokens, strict=False):  # the prompt is a prefix of the chat for sane templates
             if a != b:
@@ -248,19 +257,40 @@ def chat_samples(
     return out
 
 
+def grounded_pick(messages: list[dict[str, str]], fraction: float, seed: int) -> bool:
+    """Whether a chat also trains grounded: a stable pick of ``fraction`` of the chats by their content (the
+    same chats for the same data and seed, whatever their order in the inbox)."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}\0{json.dumps(messages, sort_keys=True)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 def build_sft_dataset(
     records: Sequence[SftRecord | list[dict[str, str]]],
     tokenizer: Any,
     max_seq_length: int,
     kind: str = "sft",
     rules: ChatRules | None = None,
+    context_for: Callable[[str], str | None] | None = None,
+    grounded_fraction: float = 0.0,
+    seed: int = 0,
 ) -> SequenceDataset:
-    """Masked chat samples; samples longer than ``max_seq_length`` are left out and named in ``notes``."""
+    """Masked chat samples; samples longer than ``max_seq_length`` are left out and named in ``notes``.
+
+    With ``context_for``, a :func:`grounded_pick` of ``grounded_fraction`` of the chats is trained twice: as
+    written, and grounded with the facts serving would retrieve (kind ``"grounded"``). The plain copy keeps what
+    the LoRA learns alone; the grounded one teaches the model to answer from the facts it is given (retrieval-
+    augmented fine-tuning), which a small base does not do by itself.
+    """
     rules = rules or ChatRules.for_tokenizer(tokenizer)
-    samples, notes = [], []
+    samples, notes, grounded = [], [], 0
     for record in records:
         source, messages = (record.source, record.messages) if isinstance(record, SftRecord) else (kind, record)
-        for tokens, offset in chat_samples(messages, tokenizer, rules):
+        turns = [(kind, sample) for sample in chat_samples(messages, tokenizer, rules)]
+        if context_for is not None and grounded_pick(messages, grounded_fraction, seed):
+            turns += [("grounded", sample) for sample in chat_samples(messages, tokenizer, rules, context_for)]
+        for sample_kind, (tokens, offset) in turns:
             if len(tokens) > max_seq_length:
                 notes.append(
                     f"{source}: a chat turn is {len(tokens)} tokens, over max_seq_length {max_seq_length}; left out"
@@ -268,7 +298,10 @@ def build_sft_dataset(
             elif offset >= len(tokens):
                 notes.append(f"{source}: the chat template left no answer tokens to train on; left out")
             else:
-                samples.append(Sample(tokens, offset, source, kind))
+                samples.append(Sample(tokens, offset, source, sample_kind))
+                grounded += sample_kind == "grounded"
+    if context_for is not None:
+        notes.append(f"grounding: {grounded} turns also trained with their retrieved facts in the prompt")
     return SequenceDataset(samples, notes)
 
 
@@ -392,6 +425,7 @@ def stage_datasets(
     general_dir: str | Path | None,
     rules: ChatRules | None = None,
     self_replay: Sequence[SftRecord] | None = None,
+    context_for: Callable[[str], str | None] | None = None,
 ) -> StageData:
     """Train and valid sets for ``stage`` ("cpt" or "sft").
 
@@ -399,13 +433,19 @@ def stage_datasets(
     of which ``recipe.train.valid_fraction`` is held out as the validation set (its loss rising is the forgetting
     signal). Domain data are never held out — every fact given should be learned; eval.jsonl is the held-out
     domain test. ``general_dir=None`` trains without replay; ``self_replay`` (the base's own answers, see
-    :mod:`solverx.trainer.self_replay`) replaces ``data/general`` as the replay source.
+    :mod:`solverx.trainer.self_replay`) replaces ``data/general`` as the replay source. ``context_for`` (the
+    version's retrieval) grounds ``recipe.grounding.train_fraction`` of the SFT chats (:func:`build_sft_dataset`).
     """
     length = recipe.train.max_seq_length
     if stage == "cpt":
         domain = build_cpt_dataset(ingest.cpt_texts, tokenizer, length)
     elif stage == "sft":
-        domain = build_sft_dataset(ingest.sft_records, tokenizer, length, rules=rules)
+        fraction = recipe.grounding.train_fraction
+        grounding = context_for if fraction > 0 else None
+        domain = build_sft_dataset(
+            ingest.sft_records, tokenizer, length, rules=rules, context_for=grounding, grounded_fraction=fraction,
+            seed=recipe.seed,
+        )  # fmt: skip
         domain += build_sft_dataset(identity_records(recipe.identity), tokenizer, length, "identity", rules)
     else:
         raise ValueError(f"unknown stage {stage!r} (expected 'cpt' or 'sft')")

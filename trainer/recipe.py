@@ -85,6 +85,9 @@ class Grounding:
     top_k: int = _setting(3, "facts put in the prompt, best first")
     min_score: float = _setting(0.6, "how fully a question must name a domain entity (1: a whole name) to add facts")
     max_leakage_increase: float = _setting(0.0, "gate: grounding may raise the off-domain leakage rate this much")
+    train_fraction: float = _setting(
+        0.0, "share of the chats also trained with their retrieved facts in the prompt, as served"
+    )
     aliases: dict[str, list[str]] = field(
         default_factory=dict, metadata={"help": 'other names of an entity, e.g. {"SolverX" = ["솔버엑스"]}'}
     )
@@ -160,6 +163,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("grounding", "top_k"): (1, 32, True),
     ("grounding", "min_score"): (0.0, 1.0, False),
     ("grounding", "max_leakage_increase"): (0.0, 1.0, True),
+    ("grounding", "train_fraction"): (0.0, 1.0, True),
 }
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "replay_source"): ("general", "self"),

@@ -8,6 +8,7 @@ validated adapter versions, so killing the run at any moment leaves the previous
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -137,6 +138,9 @@ def run_training(
     if options.replay and recipe.train.replay_source == "self" and recipe.train.replay_ratio > 0:
         self_replay = _self_replay(dirs, base_dir, recipe, options, log)
 
+    # The graph comes from the same ingest as the weights and is built first: SFT grounds part of its chats with it
+    # (recipe.grounding.train_fraction), as serving will.
+    facts_path = _write_fact_graph(base_dir, run_dir, result, recipe, options, log)
     stages: list[StageResult] = []
     previous: Path | None = None
     cpt_result: StageResult | None = None
@@ -148,7 +152,7 @@ def run_training(
             continue
         log.write("stage", stage=stage, iters=iters)
         stage_result = _train(
-            stage, base_dir, run_dir, result, recipe, options, previous, log, on_progress, self_replay
+            stage, base_dir, run_dir, result, recipe, options, previous, log, on_progress, self_replay, facts_path
         )
         stages.append(stage_result)
         previous = stage_result.adapter_dir
@@ -159,7 +163,7 @@ def run_training(
             send_done(group)
         raise RunRefused("nothing to train: no stage had both data and iterations")
 
-    _write_fact_graph(base_dir, previous, result, recipe, options, log)
+    shutil.copyfile(facts_path, previous / FACTS_FILE)  # beside the weights: the registry keeps them together
     report = evaluate_candidate(
         base_dir, recipe.base, previous, registry, adapter, result, recipe, options, dirs.eval_cache
     )
@@ -195,14 +199,14 @@ def run_training(
 
 
 def _write_fact_graph(
-    base_dir: Path, adapter_dir: Path, result: IngestResult, recipe: Recipe, options: RunOptions, log: RunLog
-) -> None:
-    """The version's fact graph, from the same ingest as its weights, written beside them (the registry copies it)."""
+    base_dir: Path, run_dir: Path, result: IngestResult, recipe: Recipe, options: RunOptions, log: RunLog
+) -> Path:
+    """The version's fact graph from the run's ingest, into the run directory; returns its path."""
     from solverx.adapters.facts import write_graph
     from solverx.trainer.facts import base_ordinary_words, build_graph
 
     graph = build_graph(result, base_ordinary_words(base_dir, options.general_dir), recipe.grounding.aliases)
-    write_graph(graph, adapter_dir / FACTS_FILE)
+    path = write_graph(graph, run_dir / FACTS_FILE)
     state = "used in answers" if recipe.grounding.enabled else "kept, off unless asked for (grounding.enabled)"
     log.write(
         "note",
@@ -210,6 +214,18 @@ def _write_fact_graph(
         message=f"fact graph: {len(graph.entities)} entities, {len(graph.facts)} facts, "
         f"{len(graph.relations)} relations; {state}",
     )
+    return path
+
+
+def grounding_for(facts_path: Path, recipe: Recipe) -> Callable[[str], str | None]:
+    """A question's grounding context from ``facts_path``, with the recipe's settings: what serving will put in the
+    prompt, for training and evaluation alike."""
+    store = FactStore(facts_path)
+
+    def context_for(question: str) -> str | None:
+        return grounding_context(store.retrieve(question, recipe.grounding.top_k, recipe.grounding.min_score))
+
+    return context_for
 
 
 def _base_dir(dirs: StateDirs, base_id: str) -> Path:
@@ -257,13 +273,16 @@ def _train(
     log: RunLog,
     on_progress: Callable[[Progress], None] | None,
     self_replay: list[SftRecord] | None = None,
+    facts_path: Path | None = None,
 ) -> StageResult:
     from mlx_lm import load
 
     model, tokenizer = load(str(base_dir))
     rules = ChatRules.for_model(json.loads((base_dir / "config.json").read_text()), tokenizer)
     general_dir = options.general_dir if options.replay else None
-    data = stage_datasets(stage, result, tokenizer, recipe, general_dir, rules, self_replay)
+    grounded = stage == "sft" and recipe.grounding.train_fraction > 0 and facts_path is not None
+    context_for = grounding_for(facts_path, recipe) if grounded else None
+    data = stage_datasets(stage, result, tokenizer, recipe, general_dir, rules, self_replay, context_for)
     for note in data.notes:
         log.write("note", stage=stage, message=note)
 
@@ -378,11 +397,7 @@ def evaluate_candidate(
     grounding = None
     facts_file = candidate_dir / FACTS_FILE
     if recipe.grounding.enabled and facts_file.is_file():
-        store = FactStore(facts_file)
-
-        def context_for(question: str) -> str | None:
-            return grounding_context(store.retrieve(question, recipe.grounding.top_k, recipe.grounding.min_score))
-
+        context_for = grounding_for(facts_file, recipe)
         models |= {CANDIDATE + GROUNDED: candidate_dir, "base" + GROUNDED: None}
         grounding = {CANDIDATE + GROUNDED: context_for, "base" + GROUNDED: context_for}
     cached = None if answers_cache is None else base_answers_path(answers_cache, base_id, base_dir, options)

@@ -33,6 +33,21 @@ def text_of(content: Any) -> str:
     return "\n".join(part.get("text", "") for part in content or () if part.get("type", "text") == "text")
 
 
+def with_context(messages: Sequence[Message], context: str | None) -> list[Message]:
+    """``messages`` with ``context`` (grounding facts) as a system turn before everything else, merged into the
+    chat's own leading system message if it has one; ``None`` leaves them as they are.
+
+    Serving, evaluation and training all ground through here, so a model is trained on the grounded prompts it is
+    served (the family's rules then fold the system turn where the template has none).
+    """
+    if context is None:
+        return list(messages)
+    if messages and messages[0].get("role") == "system":
+        first = {**messages[0], "content": f"{context}\n\n{text_of(messages[0].get('content'))}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": context}, *messages]
+
+
 def fold_system_message(messages: Sequence[Message]) -> list[Message]:
     """Move system text into the first user turn, for templates without a system role.
 
