@@ -105,8 +105,8 @@ def test_a_grounded_turn_is_trained_on_the_prompt_the_server_grounds(
     grounded = [s.tokens[: s.offset] for s in dataset.samples if s.kind == "grounded"]
     plain = [s.tokens[: s.offset] for s in dataset.samples if s.kind == "sft"]
     assert [len(g.facts) for g in served_chats] == [2, 0]
-    assert grounded == served  # token for token, in the family's own format
-    assert grounded[0] != plain[0] and grounded[1] == plain[1]  # the off-entity turn is served ungrounded
+    assert grounded == served[:1]  # token for token, in the family's own format
+    assert grounded[0] != plain[0] and plain[1] == served[1]  # the off-entity turn is served, and trained, as written
     text = engine.tokenizer.decode(grounded[0])
     assert "Seocho-dong" in text and "Answer in one short sentence." in text
     assert ("system" in text) is (family == "chatml")  # Gemma gets the facts folded into the first user turn

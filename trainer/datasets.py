@@ -279,7 +279,8 @@ def build_sft_dataset(
     """Masked chat samples; samples longer than ``max_seq_length`` are left out and named in ``notes``.
 
     With ``context_for``, a :func:`grounded_pick` of ``grounded_fraction`` of the chats is trained twice: as
-    written, and grounded with the facts serving would retrieve (kind ``"grounded"``). The plain copy keeps what
+    written, and grounded with the facts serving would retrieve (kind ``"grounded"``; a turn that retrieves none
+    only once). The plain copy keeps what
     the LoRA learns alone; the grounded one teaches the model to answer from the facts it is given (retrieval-
     augmented fine-tuning), which a small base does not do by itself.
     """
@@ -287,9 +288,12 @@ def build_sft_dataset(
     samples, notes, grounded = [], [], 0
     for record in records:
         source, messages = (record.source, record.messages) if isinstance(record, SftRecord) else (kind, record)
-        turns = [(kind, sample) for sample in chat_samples(messages, tokenizer, rules)]
+        plain = chat_samples(messages, tokenizer, rules)
+        turns = [(kind, sample) for sample in plain]
         if context_for is not None and grounded_pick(messages, grounded_fraction, seed):
-            turns += [("grounded", sample) for sample in chat_samples(messages, tokenizer, rules, context_for)]
+            grounded_turns = chat_samples(messages, tokenizer, rules, context_for)
+            # a turn that retrieves no fact is served as written: its plain sample already trains it
+            turns += [("grounded", g) for g, p in zip(grounded_turns, plain, strict=True) if g != p]
         for sample_kind, (tokens, offset) in turns:
             if len(tokens) > max_seq_length:
                 notes.append(
