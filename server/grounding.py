@@ -29,7 +29,7 @@ from solverx.adapters.facts import (
     grounding_context,
     open_store,
 )
-from solverx.models.chat_rules import text_of, with_context
+from solverx.models.chat_rules import last_user_text, with_context
 from solverx.server.errors import InvalidRequest
 
 FACTS_HEADER = "X-SolverX-Facts"
@@ -83,7 +83,7 @@ def ground(plan: GroundingPlan | None, messages: list[dict[str, Any]], requested
         if requested:  # asked for by name: say why it cannot be done
             raise InvalidRequest(f"This model has no fact graph to ground with ({exc}).", param="grounding") from None
         return Grounded(messages, [])
-    question = next((text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    question = last_user_text(messages)
     started = time.perf_counter()
     facts = store.retrieve(question, plan.top_k, plan.min_score) if question else []
     seconds = time.perf_counter() - started

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from solverx.models.chat_rules import ChatRules, with_context
+from solverx.models.chat_rules import ChatRules, last_user_text, with_context
 from solverx.trainer.recipe import Identity, Recipe
 from solverx.trainer.validate import IngestResult, LineError, SftRecord, TextDoc, parse_train_line
 
@@ -244,7 +244,7 @@ def chat_samples(
             continue
         before = messages[:end]
         if context_for is not None:
-            question = next((m["content"] for m in reversed(before) if m["role"] == "user"), "")
+            question = last_user_text(before)
             before = with_context(before, context_for(question) if question else None)
         tokens = rules.encode(tokenizer, [*before, message], add_generation_prompt=False)
         prompt = rules.encode(tokenizer, before, add_generation_prompt=True)
@@ -280,9 +280,8 @@ def build_sft_dataset(
 
     With ``context_for``, a :func:`grounded_pick` of ``grounded_fraction`` of the chats is trained twice: as
     written, and grounded with the facts serving would retrieve (kind ``"grounded"``; a turn that retrieves none
-    only once). The plain copy keeps what
-    the LoRA learns alone; the grounded one teaches the model to answer from the facts it is given (retrieval-
-    augmented fine-tuning), which a small base does not do by itself.
+    only once). The plain copy keeps what the LoRA learns alone; the grounded one teaches the model to answer from
+    the facts it is given (retrieval-augmented fine-tuning), which a small base does not do by itself.
     """
     rules = rules or ChatRules.for_tokenizer(tokenizer)
     samples, notes, grounded = [], [], 0
@@ -444,11 +443,9 @@ def stage_datasets(
     if stage == "cpt":
         domain = build_cpt_dataset(ingest.cpt_texts, tokenizer, length)
     elif stage == "sft":
-        fraction = recipe.grounding.train_fraction
-        grounding = context_for if fraction > 0 else None
         domain = build_sft_dataset(
-            ingest.sft_records, tokenizer, length, rules=rules, context_for=grounding, grounded_fraction=fraction,
-            seed=recipe.seed,
+            ingest.sft_records, tokenizer, length, rules=rules, context_for=context_for,
+            grounded_fraction=recipe.grounding.train_fraction, seed=recipe.seed,
         )  # fmt: skip
         domain += build_sft_dataset(identity_records(recipe.identity), tokenizer, length, "identity", rules)
     else:

@@ -33,6 +33,12 @@ def text_of(content: Any) -> str:
     return "\n".join(part.get("text", "") for part in content or () if part.get("type", "text") == "text")
 
 
+def last_user_text(messages: Sequence[Message]) -> str:
+    """The text of the last user message ("" when there is none): the question that grounding retrieves facts for,
+    in serving and in training alike."""
+    return next((text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
 def with_context(messages: Sequence[Message], context: str | None) -> list[Message]:
     """``messages`` with ``context`` (grounding facts) as a system turn before everything else, merged into the
     chat's own leading system message if it has one; ``None`` leaves them as they are.
