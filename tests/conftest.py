@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_CACHE = Path(os.environ.get("SOLVERX_TEST_CACHE", REPO_ROOT / ".state" / "test-cache"))
+# The fast CPU kernels are built once into the test cache, not the user's cache (child processes inherit this).
+os.environ.setdefault("SOLVERX_KERNEL_CACHE", str(TEST_CACHE / "kernels"))
 
 
 @pytest.fixture(scope="session")

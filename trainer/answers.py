@@ -138,9 +138,11 @@ def answer_in_processes(
 
 def _answer_share(messages, rank: int, base_dir: str, base_id: str, asks: list, max_tokens: int, threads: int) -> None:
     from solverx import blas
+    from solverx.engine import cpu_kernels
     from solverx.trainer.child import die_with_parent
 
     die_with_parent()
+    cpu_kernels.set_threads(threads)  # each answering process on its share of the cores, as OpenBLAS
     try:
         with blas.threads(threads):
             replies = greedy_answers(

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from solverx.adapters.validate import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from solverx.engine.cpu_kernels import FastLinear
 
 BASE_SLOT = 0
 DEFAULT_KEYS = (
@@ -100,11 +101,15 @@ class MultiLoRALinear(nn.Module):
         self._filled.add(slot)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.base(x)
         context = self._context
         if self._filled.isdisjoint(context.slots):
-            return y
+            return self.base(x)
         ids = context.ids
+        if isinstance(self.base, FastLinear):  # decode-sized: the base product and the deltas in one kernel call
+            y = self.base.with_lora(x, self.lora_a_stack, self.lora_b_stack, self.scales, ids)
+            if y is not None:
+                return y
+        y = self.base(x)
         xa = mx.gather_mm(x.astype(mx.float32), self.lora_a_stack, rhs_indices=ids)
         delta = mx.gather_mm(xa, self.lora_b_stack, rhs_indices=ids)
         scale = self.scales[ids].reshape(-1, *([1] * (delta.ndim - 1)))

@@ -1,0 +1,337 @@
+"""Decode-sized matrix products against quantized weights on the CPU, fast: our kernel, built here on first use.
+
+A decode step on MLX's CPU backend reads every weight of the model once per token, and MLX's CPU quantized
+kernels are scalar loops (3.5× slower than float32 BLAS on this project's machines, so the default base is served
+in float32, 540 MB of reads a token). ``kernels/qmm.cpp`` is one MLX primitive that multiplies 1–16 rows against
+MLX's own affine 4-/8-bit layout with AVX2/AVX-512 on every core: 4–8× faster than float32 per matrix here.
+
+Nothing about the served numbers changes. :func:`exact_quantization` only quantizes a weight whose values already
+lie exactly on a 4- or 8-bit grid, which is what a float32 import of a GGUF file's Q4_1/Q8_0 blocks (the default
+base) is: the kernel then computes with the very values training saw. Any other weight stays float32. The float32
+weights stay too, for prompts (more than ``KERNEL_ROWS`` rows), where BLAS is faster.
+
+The extension is compiled with cmake against the installed mlx and nanobind (the nanobind ABI mlx is built with)
+into a cache keyed by its sources and their versions. Where it cannot be built or loaded (no compiler, macOS, an
+mlx built with another nanobind), :func:`load` says why once and the engine serves float32 as before; on a Mac MLX's
+Metal kernels already serve quantized weights fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+import platformdirs
+from mlx.utils import tree_unflatten
+
+from solverx.paths import APP_NAME, exclusive, swap_into_place
+
+log = logging.getLogger("solverx.engine")
+
+SOURCES = Path(__file__).with_name("kernels")
+MODULE = "_solverx_qmm"
+CACHE_ENV = "SOLVERX_KERNEL_CACHE"
+SWITCH_ENV = "SOLVERX_CPU_KERNELS"  # "0" turns the kernels off
+# Rows up to which the kernel beats float32 BLAS here (bench/qmm.py: 16 rows 0.33 vs 0.43 ms, 32 rows 0.62 vs 0.39).
+KERNEL_ROWS = 16
+GROUP = 32
+# A value counts as on the grid within this share of a quantization step (float32 rounding of d*q + m).
+GRID_TOLERANCE = 1e-3
+
+
+def _cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False)) / "kernels"
+
+
+def _build_key() -> str:
+    """Changes with anything that changes the binary: our sources, mlx, nanobind, Python, the machine."""
+    digest = hashlib.sha256()
+    for path in sorted(SOURCES.iterdir()):
+        if path.suffix in {".cpp", ".txt"}:
+            digest.update(path.name.encode() + path.read_bytes())
+    for dist in ("mlx", "nanobind"):
+        digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    digest.update(f"{sys.version}|{platform.machine()}|{_arch_flags()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _arch_flags() -> str:
+    """AVX2 everywhere on x86-64 (the kernel's floor), AVX-512 where this CPU has it."""
+    flags = "-mavx2 -mfma -mf16c"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return flags
+    if " avx512f " in cpuinfo and " avx512bw " in cpuinfo:
+        flags += " -mavx512f -mavx512bw -mavx512vl -mavx512dq"
+    return flags
+
+
+def _build(target: Path) -> None:
+    """cmake configure + build into a staging directory beside ``target``, then rename it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        configure = [
+            "cmake", "-S", str(SOURCES), "-B", str(staging), "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}", f"-DSOLVERX_ARCH_FLAGS={_arch_flags()}",
+        ]  # fmt: skip
+        for command in (configure, ["cmake", "--build", str(staging), "-j", str(os.cpu_count() or 1)]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                lines = (done.stdout + done.stderr).strip().splitlines()
+                first_error = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
+                raise RuntimeError(f"`{' '.join(command[:2])}` failed: {first_error.strip()}")
+        built = next(staging.glob(f"{MODULE}*.so"), None)
+        if built is None:
+            raise RuntimeError("cmake built no extension module")
+        kept = staging / "out"
+        kept.mkdir()
+        shutil.copy2(built, kept / built.name)
+        swap_into_place(kept, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _import(directory: Path) -> ModuleType:
+    path = next(directory.glob(f"{MODULE}*.so"))
+    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _self_test(module: ModuleType) -> None:
+    """One product against MLX's own, so an ABI or codegen problem turns the kernels off instead of serving it."""
+    w = mx.random.normal((64, 64), key=mx.random.key(0))
+    x = mx.random.normal((3, 64), key=mx.random.key(1))
+    for bits in (4, 8):
+        packed, scales, biases = mx.quantize(w, group_size=GROUP, bits=bits)
+        want = mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=GROUP, bits=bits)
+        got = module.quantized_matmul(x, packed, scales, biases, GROUP, bits)
+        if not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
+            raise RuntimeError(f"self-test failed for {bits}-bit weights")
+
+
+_threads: int | None = None  # set_threads' count, applied when the module loads
+
+
+def set_threads(count: int | None) -> None:
+    """The threads each product may use in this process (None: the share OpenBLAS was given, else every core).
+    Processes that share the machine (answering processes, local training ranks) each take their share."""
+    global _threads
+    _threads = count
+    available = load() if load.cache_info().currsize else None
+    if available is not None and available.module is not None:
+        available.module.set_threads(_own_threads())
+
+
+def _own_threads() -> int:
+    if _threads:
+        return _threads
+    try:
+        return max(0, int(os.environ.get("OPENBLAS_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class Availability:
+    module: ModuleType | None
+    reason: str  # why not, when module is None
+
+
+@cache
+def load() -> Availability:
+    """The kernel module, built on first use; or None with the reason (said once in the log)."""
+    reason = _unavailable_here()
+    if reason is None:
+        try:
+            target = _cache_root() / _build_key()
+            with exclusive(_cache_root() / f".{target.name}.lock"):
+                if not target.is_dir():
+                    log.info("building the fast CPU kernels into %s (once, ~20 s)", target)
+                    _build(target)
+            module = _import(target)
+            module.set_threads(_own_threads())
+            _self_test(module)
+            return Availability(module, "")
+        except Exception as exc:  # any failure means: serve float32, and say why
+            reason = f"{type(exc).__name__}: {exc}"
+    log.warning("fast CPU kernels unavailable (%s): serving float32 weights", reason)
+    return Availability(None, reason)
+
+
+def _unavailable_here() -> str | None:
+    if os.environ.get(SWITCH_ENV, "1") == "0":
+        return f"{SWITCH_ENV}=0"
+    if mx.default_device() != mx.cpu:
+        return "MLX runs on a GPU here"
+    if platform.machine() not in {"x86_64", "AMD64"}:
+        return f"the kernel is written for x86-64, this is {platform.machine()}"
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            return f"no {tool} on PATH"
+    try:
+        importlib.metadata.version("nanobind")
+    except importlib.metadata.PackageNotFoundError:
+        return "nanobind is not installed"
+    return None
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A weight as MLX's affine quantization stores it: ``w = scales * q + biases`` per group of 32."""
+
+    packed: mx.array  # uint32 [out, in * bits / 32]
+    scales: mx.array  # float16 (as GGUF stores them) or float32 [out, in / 32]
+    biases: mx.array
+    bits: int
+
+
+def exact_quantization(weight: mx.array) -> Quantized | None:
+    """``weight`` on a 4-bit (min–max, as GGUF's Q4_1) or 8-bit (symmetric, as Q8_0) grid per group of 32, if
+    every value already lies on it; else None (the weight stays float32: no rounding is ever added)."""
+    if weight.ndim != 2 or weight.shape[1] % GROUP or weight.dtype != mx.float32:
+        return None
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // GROUP, GROUP)
+    low, high = groups.min(axis=-1, keepdims=True), groups.max(axis=-1, keepdims=True)
+    candidates = (
+        (4, (high - low) / 15, low),  # Q4_1: d = (max - min) / 15, m = min
+        (8, mx.maximum(high, -low) / 127, None),  # Q8_0: d = amax / 127, q in [-127, 127]
+    )
+    for bits, step, offset in candidates:
+        safe = mx.where(step > 0, step, 1.0)
+        biases = offset if offset is not None else -128 * step
+        q = mx.clip(mx.round((groups - biases) / safe), 0, 2**bits - 1)
+
+        def on_grid(step: mx.array, biases: mx.array, q=q, safe=safe) -> bool:
+            return mx.all(mx.abs(q * step + biases - groups) <= GRID_TOLERANCE * safe).item()
+
+        if not on_grid(step, biases):
+            continue
+        # GGUF keeps d and m in float16: where they round-trip, so do we (a sixth fewer bytes read per token).
+        half_step, half_biases = step.astype(mx.float16), biases.astype(mx.float16)
+        if on_grid(half_step.astype(mx.float32), half_biases.astype(mx.float32)):
+            step, biases = half_step, half_biases
+        return Quantized(_pack(q.reshape(rows, cols), bits), step.squeeze(-1), biases.squeeze(-1), bits)
+    return None
+
+
+def _pack(q: mx.array, bits: int) -> mx.array:
+    """Integers in [0, 2**bits) into uint32 words, element j of a word in bits j*bits.. (mx.quantize's layout)."""
+    rows, cols = q.shape
+    per_word = 32 // bits
+    q = q.astype(mx.uint32).reshape(rows, cols // per_word, per_word)
+    shifts = mx.arange(per_word, dtype=mx.uint32) * bits
+    return mx.sum(mx.left_shift(q, shifts), axis=-1).astype(mx.uint32)
+
+
+class FastLinear(nn.Linear):
+    """An ``nn.Linear`` whose decode-sized products run the kernel on the exact quantized copy of its weight."""
+
+    def __init__(self, linear: nn.Linear, quantized: Quantized, module: ModuleType):
+        nn.Module.__init__(self)
+        self.weight = linear.weight
+        if "bias" in linear:
+            self.bias = linear.bias
+        self._quantized = quantized  # not a parameter: the weights' tree and their bytes on disk stay as they were
+        self._kernel = module.quantized_matmul
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] > KERNEL_ROWS:
+            return super().__call__(x)
+        q = self._quantized
+        y = self._kernel(x, q.packed, q.scales, q.biases, GROUP, q.bits).astype(x.dtype)
+        return y + self.bias if "bias" in self else y
+
+    def with_lora(
+        self, x: mx.array, lora_a: mx.array, lora_b: mx.array, scales: mx.array, slot_ids: mx.array
+    ) -> mx.array | None:
+        """This projection plus each sequence's LoRA delta (``scales[id] * x @ lora_a[id] @ lora_b[id]``, one slot
+        id per sequence of ``x``'s first axis) in one kernel call; None for inputs the kernel does not take."""
+        if x.size // x.shape[-1] > KERNEL_ROWS or x.ndim < 2 or slot_ids.size != x.shape[0]:
+            return None
+        q = self._quantized
+        y = self._kernel(x, q.packed, q.scales, q.biases, GROUP, q.bits, lora_a, lora_b, scales, slot_ids)
+        y = y.astype(x.dtype)
+        return y + self.bias if "bias" in self else y
+
+
+class FastEmbedding(nn.Embedding):
+    """A tied embedding whose output projection (``as_linear``) runs the kernel for decode-sized inputs."""
+
+    def __init__(self, embedding: nn.Embedding, quantized: Quantized, module: ModuleType):
+        nn.Module.__init__(self)
+        self.weight = embedding.weight
+        self._quantized = quantized
+        self._kernel = module.quantized_matmul
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] > KERNEL_ROWS:
+            return super().as_linear(x)
+        q = self._quantized
+        return self._kernel(x, q.packed, q.scales, q.biases, GROUP, q.bits).astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class SpeedUp:
+    """What :func:`speed_up` did to a model: projections moved to the kernel, those left float32, and why not."""
+
+    fast: int
+    kept: int
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.reason:
+            return f"float32 everywhere ({self.reason})"
+        return f"{self.fast} projections on the fast CPU kernel (exact 4/8-bit), {self.kept} kept float32"
+
+
+def speed_up(model: nn.Module) -> SpeedUp:
+    """Give every linear projection (and a tied embedding's output projection) whose weight is exactly 4- or
+    8-bit the kernel, in place. Call before the LoRA wrapping, which wraps whatever projection it finds."""
+    available = load()
+    if available.module is None:
+        return SpeedUp(0, 0, available.reason)
+    fast = kept = 0
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not isinstance(module, FastLinear):
+            quantized = exact_quantization(module.weight)
+            if quantized is None:
+                kept += 1
+                continue
+            mx.eval(quantized.packed, quantized.scales, quantized.biases)
+            replacements.append((name, FastLinear(module, quantized, available.module)))
+            fast += 1
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    if tied and type(embedding) is nn.Embedding:
+        quantized = exact_quantization(embedding.weight)
+        if quantized is None:
+            kept += 1
+        else:
+            mx.eval(quantized.packed, quantized.scales, quantized.biases)
+            replacements.append(("model.embed_tokens", FastEmbedding(embedding, quantized, available.module)))
+            fast += 1
+    model.update_modules(tree_unflatten(replacements))
+    return SpeedUp(fast, kept)

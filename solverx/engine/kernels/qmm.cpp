@@ -1,0 +1,352 @@
+// Fast CPU matrix products against MLX's affine-quantized weights (bits 4 or 8, any group size that is a multiple
+// of 32): x [..., K] float32 times w^T, where w [N, K] is packed the way mx.quantize packs it (uint32 words, element
+// j of a row in bits j*bits.. of its word, little-endian) with float32 or float16 scales and biases per group, so that
+// w[n, k] = scale[n, k / group] * q[n, k] + bias[n, k / group]. Same result as mx.quantized_matmul(x, w, scales,
+// biases, transpose=True), up to float32 summation order.
+//
+// Why: MLX's CPU quantized kernels are scalar loops (3.5x slower than float32 BLAS here), while a decode step is
+// bound by the bytes of weight it reads. This kernel decodes each 32-weight chunk once, into float32 vectors, and
+// multiplies it into every row of x (a decode batch is 1-16 rows), on all cores (OpenMP over output rows).
+// x86-64 with AVX2 (AVX-512 where the compiler targets it); GCC/Clang vector extensions for the arithmetic.
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+typedef float v16f __attribute__((vector_size(64)));
+
+constexpr int CHUNK = 32;   // weights decoded at once
+constexpr int MAX_ROWS = 8; // rows of x that share one decoded chunk (accumulators live in registers)
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(v16f v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// 16 unsigned bytes as 16 floats. GCC turns a generic byte-vector conversion into scalar code, hence intrinsics.
+inline v16f bytes_to_floats(__m128i bytes) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+  v16f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#else
+  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+  v16f v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#endif
+}
+
+// Chunk j of a row as two 16-float vectors, in the order `xprep` puts x in: 8-bit elements 0-15 and 16-31, 4-bit
+// the even elements then the odd ones (low and high nibbles of the same 16 bytes).
+template <int BITS>
+inline void decode(const uint8_t* bytes, v16f& a, v16f& b) {
+  if constexpr (BITS == 8) {
+    a = bytes_to_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    b = bytes_to_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+    const __m128i low4 = _mm_set1_epi8(15);
+    a = bytes_to_floats(_mm_and_si128(raw, low4));
+    b = bytes_to_floats(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+  }
+}
+
+// x reordered per 32-chunk to match `decode`, and its sum per group (the bias term: bias * sum(x) over the group).
+void xprep(const float* x, int rows, int K, int group, int bits, float* xp, float* xsum) {
+  int groups = K / group;
+  for (int m = 0; m < rows; ++m) {
+    const float* xr = x + (size_t)m * K;
+    float* out = xp + (size_t)m * K;
+    for (int c = 0; c < K; c += CHUNK) {
+      if (bits == 8) {
+        std::memcpy(out + c, xr + c, CHUNK * sizeof(float));
+      } else {
+        for (int i = 0; i < 16; ++i) {
+          out[c + i] = xr[c + 2 * i];
+          out[c + 16 + i] = xr[c + 2 * i + 1];
+        }
+      }
+    }
+    for (int g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int i = 0; i < group; ++i) s += xr[g * group + i];
+      xsum[(size_t)m * groups + g] = s;
+    }
+  }
+}
+
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t half) { return _cvtsh_ss(half); }
+
+// Output rows n0..n1 for R rows of x. Scales and biases are float32, or float16 (S = uint16_t), as GGUF stores them.
+template <int BITS, int R, typename S>
+void rows_tile(const float* xp, const float* xsum, const uint8_t* w, const S* scales, const S* biases, float* out,
+               int K, int N, int group, int n0, int n1) {
+  const int groups = K / group;
+  const size_t row_bytes = (size_t)K * BITS / 8;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + (size_t)n * row_bytes;
+    const S* sr = scales + (size_t)n * groups;
+    const S* br = biases + (size_t)n * groups;
+    v16f acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = v16f{};
+    for (int g = 0; g < groups; ++g) {
+      v16f part[R];
+      for (int r = 0; r < R; ++r) part[r] = v16f{};
+      for (int c = g * group; c < (g + 1) * group; c += CHUNK) {
+        v16f a, b;
+        decode<BITS>(wr + (size_t)c * BITS / 8, a, b);
+        for (int r = 0; r < R; ++r) {
+          const float* xr = xp + (size_t)r * K + c;
+          part[r] += a * load16(xr) + b * load16(xr + 16);
+        }
+      }
+      const float s = as_float(sr[g]);
+      for (int r = 0; r < R; ++r) acc[r] += s * part[r];
+    }
+    for (int r = 0; r < R; ++r) {
+      float bias_term = 0.f;
+      const float* xs = xsum + (size_t)r * groups;
+      for (int g = 0; g < groups; ++g) bias_term += as_float(br[g]) * xs[g];
+      out[(size_t)r * N + n] = hsum(acc[r]) + bias_term;
+    }
+  }
+}
+
+template <int BITS, typename S>
+void tile_dispatch(int R, const float* xp, const float* xsum, const uint8_t* w, const S* s, const S* b, float* out,
+                   int K, int N, int group, int n0, int n1) {
+  switch (R) {
+    case 1: return rows_tile<BITS, 1>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 2: return rows_tile<BITS, 2>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 3: return rows_tile<BITS, 3>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 4: return rows_tile<BITS, 4>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 5: return rows_tile<BITS, 5>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 6: return rows_tile<BITS, 6>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 7: return rows_tile<BITS, 7>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    default: return rows_tile<BITS, 8>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+  }
+}
+
+// Below this many multiply-adds a product runs on one core (the 192x576 k/v projections of one decode row): waking
+// the other cores costs about what it saves. Measured on 2 cores, the default base's decode step: all products on
+// one core 20.9-22.3 ms at batch 1 and 64-67 ms at batch 8; with this limit 20.2-21.4 ms and 47-50 ms.
+constexpr size_t PARALLEL_WORK = 300000;
+
+// Threads a product may use (0: OpenMP's default, every core). Processes that share the machine's cores (local
+// training ranks, answering processes) each set their share, as they do for OpenBLAS.
+std::atomic<int> kernel_threads{0};
+
+template <typename S>
+void qmm(const float* x, const uint8_t* w, const S* scales, const S* biases, float* out, int M, int K, int N,
+         int group, int bits) {
+  const int groups = K / group;
+  std::vector<float> xp((size_t)M * K), xsum((size_t)M * groups);
+  xprep(x, M, K, group, bits, xp.data(), xsum.data());
+  // Output rows in blocks of 16 (a cache line of results per x row), spread over the cores.
+  const int blocks = (N + 15) / 16;
+  const bool parallel = (size_t)M * N * K >= PARALLEL_WORK;
+  const int threads = kernel_threads.load() > 0 ? kernel_threads.load() : omp_get_max_threads();
+#pragma omp parallel for schedule(static) if (parallel) num_threads(threads)
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int n0 = blk * 16, n1 = std::min(N, n0 + 16);
+    for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+      const int R = std::min(MAX_ROWS, M - m0);
+      const float* xpm = xp.data() + (size_t)m0 * K;
+      const float* xsm = xsum.data() + (size_t)m0 * groups;
+      float* om = out + (size_t)m0 * N;
+      if (bits == 8)
+        tile_dispatch<8>(R, xpm, xsm, w, scales, biases, om, K, N, group, n0, n1);
+      else
+        tile_dispatch<4>(R, xpm, xsm, w, scales, biases, om, K, N, group, n0, n1);
+    }
+  }
+}
+
+// Per-sequence LoRA deltas added in place: row m belongs to sequence m / per_seq, which uses slot ids[seq] of the
+// stacks a [slots, K, r], b [slots, r, N] with its scale (0 = no adapter: the row is left as it is). The
+// Punica/S-LoRA gather of solverx.engine.lora, for decode-sized inputs, without two graph nodes per projection.
+void add_lora(const float* x, const float* a, const float* b, const float* lscale, const uint32_t* ids, float* out,
+              int M, int K, int N, int r, int per_seq) {
+  std::vector<float> t(r);
+  for (int m = 0; m < M; ++m) {
+    const uint32_t slot = ids[m / per_seq];
+    const float s = lscale[slot];
+    if (s == 0.f) continue;
+    const float* as = a + (size_t)slot * K * r;
+    const float* bs = b + (size_t)slot * r * N;
+    const float* xr = x + (size_t)m * K;
+    std::fill(t.begin(), t.end(), 0.f);
+    for (int k = 0; k < K; ++k) {
+      const float xk = xr[k];
+      const float* ak = as + (size_t)k * r;
+      for (int j = 0; j < r; ++j) t[j] += xk * ak[j];
+    }
+    float* orow = out + (size_t)m * N;
+    for (int j = 0; j < r; ++j) {
+      const float tj = s * t[j];
+      const float* bj = bs + (size_t)j * N;
+      for (int n = 0; n < N; ++n) orow[n] += tj * bj[n];
+    }
+  }
+}
+
+// The elements of a strided float32 view in row-major order.
+void gather(const mx::array& x, float* dst) {
+  const int ndim = x.ndim();
+  std::vector<int64_t> index(ndim, 0);
+  const float* src = x.data<float>();
+  for (size_t i = 0; i < x.size(); ++i) {
+    int64_t offset = 0;
+    for (int d = 0; d < ndim; ++d) offset += index[d] * x.strides()[d];
+    dst[i] = src[offset];
+    for (int d = ndim - 1; d >= 0; --d) {
+      if (++index[d] < x.shape(d)) break;
+      index[d] = 0;
+    }
+  }
+}
+
+class CpuQuantizedMatmul : public mx::Primitive {
+ public:
+  CpuQuantizedMatmul(mx::Stream stream, int group, int bits) : mx::Primitive(stream), group_(group), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& x = inputs[0];
+    auto& w = inputs[1];
+    auto& scales = inputs[2];
+    auto& biases = inputs[3];
+    auto& out = outputs[0];
+    if (!w.flags().row_contiguous || !scales.flags().row_contiguous || !biases.flags().row_contiguous)
+      throw std::invalid_argument("w, scales and biases must be row-contiguous arrays");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_input_array(scales);
+    encoder.set_input_array(biases);
+    encoder.set_output_array(out);
+    const bool lora = inputs.size() == 8;
+    std::vector<mx::array> extra;
+    for (size_t i = 4; i < inputs.size(); ++i) {
+      if (!inputs[i].flags().row_contiguous) throw std::invalid_argument("LoRA stacks must be row-contiguous");
+      encoder.set_input_array(inputs[i]);
+      extra.push_back(mx::array::unsafe_weak_copy(inputs[i]));
+    }
+    const int K = x.shape(-1), N = out.shape(-1), M = (int)(x.size() / K);
+    const int per_seq = lora ? M / (int)inputs[7].size() : 1;
+    const int r = lora ? inputs[4].shape(-1) : 0;
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
+                      s = mx::array::unsafe_weak_copy(scales), b = mx::array::unsafe_weak_copy(biases),
+                      out = mx::array::unsafe_weak_copy(out), extra, lora, per_seq, r, M, K, N, group = group_,
+                      bits = bits_]() mutable {
+      // A strided x (a transposed view) is gathered into rows here rather than by a graph node on every call.
+      std::vector<float> gathered;
+      const float* rows = x.data<float>();
+      if (!x.flags().row_contiguous) {
+        gathered.resize(x.size());
+        gather(x, gathered.data());
+        rows = gathered.data();
+      }
+      const auto* packed = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
+      if (s.dtype() == mx::float16)
+        qmm(rows, packed, s.data<uint16_t>(), b.data<uint16_t>(), out.data<float>(), M, K, N, group, bits);
+      else
+        qmm(rows, packed, s.data<float>(), b.data<float>(), out.data<float>(), M, K, N, group, bits);
+      if (lora)
+        add_lora(rows, extra[0].data<float>(), extra[1].data<float>(), extra[2].data<float>(),
+                 extra[3].data<uint32_t>(), out.data<float>(), M, K, N, r, per_seq);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("solverx cpu_quantized_matmul runs on the CPU only");
+  }
+
+  const char* name() const override { return "SolverxCpuQuantizedMatmul"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CpuQuantizedMatmul&>(other);
+    return group_ == o.group_ && bits_ == o.bits_;
+  }
+
+ private:
+  int group_, bits_;
+};
+
+mx::array quantized_matmul(const mx::array& x_in, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, std::optional<mx::array> lora_a,
+                           std::optional<mx::array> lora_b, std::optional<mx::array> lora_scales,
+                           std::optional<mx::array> slot_ids) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
+  if (group_size % CHUNK != 0) throw std::invalid_argument("group_size must be a multiple of 32");
+  if (w.ndim() != 2 || w.dtype() != mx::uint32) throw std::invalid_argument("w must be a 2-D uint32 array");
+  if ((scales.dtype() != mx::float32 && scales.dtype() != mx::float16) || biases.dtype() != scales.dtype())
+    throw std::invalid_argument("scales and biases must be both float32 or both float16");
+  const int N = w.shape(0);
+  const int K = w.shape(1) * 32 / bits;
+  if (x_in.shape(-1) != K) throw std::invalid_argument("x's last axis does not match w");
+  if (scales.shape(0) != N || scales.shape(1) != K / group_size || biases.shape() != scales.shape())
+    throw std::invalid_argument("scales/biases do not match w and group_size");
+  auto s = mx::to_stream(mx::Device::cpu);
+  auto x = x_in.dtype() == mx::float32 ? x_in : mx::astype(x_in, mx::float32, s);
+  auto shape = x.shape();
+  shape.back() = N;
+  std::vector<mx::array> inputs = {x, w, scales, biases};
+  const int given = lora_a.has_value() + lora_b.has_value() + lora_scales.has_value() + slot_ids.has_value();
+  if (given != 0 && given != 4) throw std::invalid_argument("give all of lora_a, lora_b, lora_scales, slot_ids");
+  if (given == 4) {
+    auto &a = *lora_a, &b = *lora_b, &ls = *lora_scales, &ids = *slot_ids;
+    if (a.ndim() != 3 || b.ndim() != 3 || a.shape(1) != K || b.shape(2) != N || a.shape(2) != b.shape(1) ||
+        a.shape(0) != b.shape(0) || ls.ndim() != 1 || ls.shape(0) != a.shape(0))
+      throw std::invalid_argument("LoRA stacks must be a [slots, K, r], b [slots, r, N], scales [slots]");
+    if (a.dtype() != mx::float32 || b.dtype() != mx::float32 || ls.dtype() != mx::float32 ||
+        ids.dtype() != mx::uint32)
+      throw std::invalid_argument("LoRA stacks and scales must be float32, slot_ids uint32");
+    if (x.ndim() < 2 || ids.ndim() != 1 || ids.shape(0) != x.shape(0))
+      throw std::invalid_argument("slot_ids needs one slot per sequence (x's first axis)");
+    inputs.insert(inputs.end(), {a, b, ls, ids});
+  }
+  return mx::array(shape, mx::float32, std::make_shared<CpuQuantizedMatmul>(s, group_size, bits), inputs);
+}
+
+}  // namespace
+
+NB_MODULE(_solverx_qmm, m) {
+  m.doc() = "Fast CPU products against MLX affine-quantized weights (see qmm.cpp)";
+  m.def("set_threads", [](int n) { kernel_threads.store(n > 0 ? n : 0); }, nb::arg("threads"),
+        "the threads each product may use (0: every core)");
+  m.def("quantized_matmul", &quantized_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("group_size"), nb::arg("bits"), nb::arg("lora_a") = nb::none(), nb::arg("lora_b") = nb::none(),
+        nb::arg("lora_scales") = nb::none(), nb::arg("slot_ids") = nb::none(),
+        "x @ dequantize(w, scales, biases).T for float32 x on the CPU, plus each sequence's LoRA delta "
+        "scale[id] * x @ a[id] @ b[id] when the stacks and one slot id per sequence (x's first axis) are given");
+}
