@@ -41,6 +41,14 @@ inline v16f load16(const float* p) {
   return v;
 }
 
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 inline float hsum(v16f v) {
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];
@@ -156,6 +164,68 @@ void tile_dispatch(int R, const float* xp, const float* xsum, const uint8_t* w, 
   }
 }
 
+// Per-sequence LoRA deltas: row m belongs to sequence m / per_seq, which uses slot ids[seq] of the stacks
+// a [slots, K, r] and b [slots, r, N], with that slot's scale (0 = no adapter: the row gets nothing). The
+// Punica/S-LoRA gather of solverx.engine.lora for decode-sized inputs, without two graph nodes per projection:
+// t = scale * x @ a[slot] first (M x r numbers), then each block of output rows adds t @ b[slot] for its own
+// columns, on whichever core computes that block.
+struct LoraPlan {
+  const float* b = nullptr;  // nullptr: no LoRA
+  int r = 0;
+  std::vector<float> t;                 // [M, r], scaled
+  std::vector<const float*> b_of_row;   // b[slot] per row, nullptr where the row has no adapter
+};
+
+LoraPlan plan_lora(const float* x, const float* a, const float* b, const float* lscale, const uint32_t* ids, int M,
+                   int K, int N, int r, int per_seq) {
+  LoraPlan plan;
+  plan.b = b;
+  plan.r = r;
+  plan.t.assign((size_t)M * r, 0.f);
+  plan.b_of_row.assign(M, nullptr);
+  for (int m = 0; m < M; ++m) {
+    const uint32_t slot = ids[m / per_seq];
+    const float s = lscale[slot];
+    if (s == 0.f) continue;
+    const float* as = a + (size_t)slot * K * r;
+    const float* xr = x + (size_t)m * K;
+    float* t = plan.t.data() + (size_t)m * r;
+    if (r % 8 == 0 && r <= 64) {  // the usual ranks: a row of a in whole 8-float vectors, kept in registers
+      v8f acc[8] = {};
+      const int vectors = r / 8;
+      for (int k = 0; k < K; ++k) {
+        const float xk = xr[k];
+        const float* ak = as + (size_t)k * r;
+        for (int c = 0; c < vectors; ++c) acc[c] += xk * load8(ak + 8 * c);
+      }
+      for (int c = 0; c < vectors; ++c) std::memcpy(t + 8 * c, &acc[c], sizeof(v8f));
+    } else {
+      for (int k = 0; k < K; ++k) {
+        const float xk = xr[k];
+        const float* ak = as + (size_t)k * r;
+        for (int j = 0; j < r; ++j) t[j] += xk * ak[j];
+      }
+    }
+    for (int j = 0; j < r; ++j) t[j] *= s;
+    plan.b_of_row[m] = b + (size_t)slot * r * N;
+  }
+  return plan;
+}
+
+inline void add_lora_columns(const LoraPlan& plan, float* out, int M, int N, int n0, int n1) {
+  for (int m = 0; m < M; ++m) {
+    const float* bs = plan.b_of_row[m];
+    if (bs == nullptr) continue;
+    const float* t = plan.t.data() + (size_t)m * plan.r;
+    float* orow = out + (size_t)m * N;
+    for (int j = 0; j < plan.r; ++j) {
+      const float tj = t[j];
+      const float* bj = bs + (size_t)j * N;
+      for (int n = n0; n < n1; ++n) orow[n] += tj * bj[n];
+    }
+  }
+}
+
 // Below this many multiply-adds a product runs on one core (the 192x576 k/v projections of one decode row): waking
 // the other cores costs about what it saves. Measured on 2 cores, the default base's decode step: all products on
 // one core 20.9-22.3 ms at batch 1 and 64-67 ms at batch 8; with this limit 20.2-21.4 ms and 47-50 ms.
@@ -167,7 +237,7 @@ std::atomic<int> kernel_threads{0};
 
 template <typename S>
 void qmm(const float* x, const uint8_t* w, const S* scales, const S* biases, float* out, int M, int K, int N,
-         int group, int bits) {
+         int group, int bits, const LoraPlan& lora) {
   const int groups = K / group;
   std::vector<float> xp((size_t)M * K), xsum((size_t)M * groups);
   xprep(x, M, K, group, bits, xp.data(), xsum.data());
@@ -188,34 +258,7 @@ void qmm(const float* x, const uint8_t* w, const S* scales, const S* biases, flo
       else
         tile_dispatch<4>(R, xpm, xsm, w, scales, biases, om, K, N, group, n0, n1);
     }
-  }
-}
-
-// Per-sequence LoRA deltas added in place: row m belongs to sequence m / per_seq, which uses slot ids[seq] of the
-// stacks a [slots, K, r], b [slots, r, N] with its scale (0 = no adapter: the row is left as it is). The
-// Punica/S-LoRA gather of solverx.engine.lora, for decode-sized inputs, without two graph nodes per projection.
-void add_lora(const float* x, const float* a, const float* b, const float* lscale, const uint32_t* ids, float* out,
-              int M, int K, int N, int r, int per_seq) {
-  std::vector<float> t(r);
-  for (int m = 0; m < M; ++m) {
-    const uint32_t slot = ids[m / per_seq];
-    const float s = lscale[slot];
-    if (s == 0.f) continue;
-    const float* as = a + (size_t)slot * K * r;
-    const float* bs = b + (size_t)slot * r * N;
-    const float* xr = x + (size_t)m * K;
-    std::fill(t.begin(), t.end(), 0.f);
-    for (int k = 0; k < K; ++k) {
-      const float xk = xr[k];
-      const float* ak = as + (size_t)k * r;
-      for (int j = 0; j < r; ++j) t[j] += xk * ak[j];
-    }
-    float* orow = out + (size_t)m * N;
-    for (int j = 0; j < r; ++j) {
-      const float tj = s * t[j];
-      const float* bj = bs + (size_t)j * N;
-      for (int n = 0; n < N; ++n) orow[n] += tj * bj[n];
-    }
+    if (lora.b != nullptr) add_lora_columns(lora, out, M, N, n0, n1);
   }
 }
 
@@ -277,13 +320,14 @@ class CpuQuantizedMatmul : public mx::Primitive {
         rows = gathered.data();
       }
       const auto* packed = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-      if (s.dtype() == mx::float16)
-        qmm(rows, packed, s.data<uint16_t>(), b.data<uint16_t>(), out.data<float>(), M, K, N, group, bits);
-      else
-        qmm(rows, packed, s.data<float>(), b.data<float>(), out.data<float>(), M, K, N, group, bits);
+      LoraPlan plan;
       if (lora)
-        add_lora(rows, extra[0].data<float>(), extra[1].data<float>(), extra[2].data<float>(),
-                 extra[3].data<uint32_t>(), out.data<float>(), M, K, N, r, per_seq);
+        plan = plan_lora(rows, extra[0].data<float>(), extra[1].data<float>(), extra[2].data<float>(),
+                         extra[3].data<uint32_t>(), M, K, N, r, per_seq);
+      if (s.dtype() == mx::float16)
+        qmm(rows, packed, s.data<uint16_t>(), b.data<uint16_t>(), out.data<float>(), M, K, N, group, bits, plan);
+      else
+        qmm(rows, packed, s.data<float>(), b.data<float>(), out.data<float>(), M, K, N, group, bits, plan);
     });
   }
 
