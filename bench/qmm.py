@@ -4,7 +4,8 @@ Per matrix of the default base (SmolLM2-135M: a 576→1536 MLP projection and th
 number of rows (1 = one decode stream, 8 = eight streams, 16-256 = prompt chunks), the milliseconds of one product:
 our kernel on MLX's 4- and 8-bit layout, ``mx.quantized_matmul`` on the same arrays, and float32 BLAS on the
 dequantized weight. Then the whole decode step of the default base (batch 1 and 8, greedy, a 64-token context)
-with every projection on float32 BLAS and on the kernel, and whether both give the same tokens.
+with every projection on float32 BLAS and on the kernel (decode attention too, as in the engine), and whether both
+give the same tokens.
 
 The kernel's row limit (``KERNEL_ROWS``) is where its column passes float32 BLAS. Run with
 ``.venv/bin/python bench/qmm.py`` (re-executes itself with OpenBLAS preloaded on Linux).
@@ -70,7 +71,7 @@ def decode_steps(steps: int) -> None:
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
-    from solverx.engine.cpu_kernels import speed_up
+    from solverx.engine.cpu_kernels import SpeedUp, decode_attention, speed_up
 
     model_dir, _ = real_base()
     model, tokenizer = load(str(model_dir))
@@ -78,6 +79,8 @@ def decode_steps(steps: int) -> None:
         [{"role": "user", "content": "Write a short story about a river that learns to sing."}],
         add_generation_prompt=True,
     )
+
+    speed = SpeedUp(0, 0, "float32 first")
 
     def run(batch: int) -> tuple[float, list[int]]:
         cache = make_prompt_cache(model)
@@ -88,7 +91,8 @@ def decode_steps(steps: int) -> None:
         for step in range(steps + 2):
             if step == 2:
                 started = time.perf_counter()
-            token = mx.argmax(model(token, cache=cache)[:, -1, :], axis=-1)[:, None]
+            with decode_attention(speed):  # as the engine's decode step: attention on the kernel too
+                token = mx.argmax(model(token, cache=cache)[:, -1, :], axis=-1)[:, None]
             mx.eval(token)
             out.append(int(token[0, 0].item()))
         return (time.perf_counter() - started) / steps * 1e3, out
@@ -96,7 +100,8 @@ def decode_steps(steps: int) -> None:
     figures = {}
     for label in ("float32", "kernel"):
         if label == "kernel":
-            print("speed_up:", speed_up(model).describe())
+            speed = speed_up(model)
+            print("speed_up:", speed.describe())
         figures[label] = {batch: run(batch) for batch in (1, 8)}
     for batch in (1, 8):
         f32, ours = figures["float32"][batch][0], figures["kernel"][batch][0]

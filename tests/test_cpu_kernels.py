@@ -69,6 +69,37 @@ def test_kernel_adds_each_sequences_lora_delta(kernel, tokens):
     assert mx.allclose(got[1], base[1], rtol=1e-5, atol=1e-5).item()
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_mlx_on_a_cache_view(kernel, batch, masked):
+    """One query token per sequence against the strided views a KV cache hands out, GQA (6 query heads on 2 KV
+    heads), with a batch cache's left-padding mask."""
+    keys = mx.random.normal((batch, 2, 64, 32), key=mx.random.key(0))[..., :37, :]  # a longer buffer's view
+    values = mx.random.normal((batch, 2, 64, 32), key=mx.random.key(1))[..., :37, :]
+    q = mx.random.normal((batch, 6, 1, 32), key=mx.random.key(2))
+    mask = None
+    if masked:
+        mask = mx.arange(37)[None, None, None, :] >= mx.array([0, 5, 30][:batch]).reshape(batch, 1, 1, 1)
+    want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.17, mask=mask)
+    got = kernel.decode_attention(q, keys, values, 0.17, mask)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+
+
+def test_decode_attention_is_used_only_inside_the_engines_block(kernel, monkeypatch):
+    calls = []
+    real = kernel.decode_attention
+    monkeypatch.setattr(kernel, "decode_attention", lambda *args: calls.append(args[0].shape) or real(*args))
+    q, k = mx.random.normal((1, 4, 1, 16), key=mx.random.key(0)), mx.random.normal((1, 4, 9, 16), key=mx.random.key(1))
+    with cpu_kernels.decode_attention(cpu_kernels.SpeedUp(fast=1, kept=0)):
+        inside = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25)
+        mx.fast.scaled_dot_product_attention(mx.repeat(q, 3, axis=2), k, k, scale=0.25)  # a prompt: MLX's own
+    with cpu_kernels.decode_attention(cpu_kernels.SpeedUp(fast=0, kept=3)):  # a float32 model: MLX's own
+        mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25)
+    outside = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25)
+    assert calls == [(1, 4, 1, 16)]
+    assert mx.allclose(inside, outside, rtol=1e-5, atol=1e-6).item()
+
+
 def test_kernel_refuses_what_it_cannot_compute(kernel):
     w = mx.random.normal((8, 64), key=mx.random.key(0))
     packed, scales, biases = mx.quantize(w, group_size=32, bits=4)

@@ -32,7 +32,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
-from solverx.engine.cpu_kernels import SpeedUp, speed_up
+from solverx.engine.cpu_kernels import SpeedUp, decode_attention, speed_up
 from solverx.engine.grammar import GrammarMask, GrammarTokenizer, InvalidGrammar
 from solverx.engine.lora import BASE_SLOT, AdapterLoadError, AdapterSlots, wrap_model
 from solverx.engine.sampling import SamplingParams, process_logits, sample_rows
@@ -500,7 +500,8 @@ class Engine:
         active = self._active
         self.slots_context.set([s.slot for s in active])
         inputs = mx.array([[s.last_token] for s in active])
-        logits = self.model(inputs, cache=self._cache)[:, -1, :]
+        with decode_attention(self.speed_up):
+            logits = self.model(inputs, cache=self._cache)[:, -1, :]
         logits = process_logits(logits, [(s.processors, s.history) for s in active])
         tokens, keys = sample_rows(logits, [(s.params, s.key) for s in active])
         mx.eval(tokens, keys)

@@ -11,7 +11,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <vector>
 
 #include <immintrin.h>
@@ -382,10 +385,132 @@ mx::array quantized_matmul(const mx::array& x_in, const mx::array& w, const mx::
   return mx::array(shape, mx::float32, std::make_shared<CpuQuantizedMatmul>(s, group_size, bits), inputs);
 }
 
+// ---- decode attention: one query token per sequence ------------------------------------------------------------
+// softmax(scale * q k^T, masked) v for q [B, Hq, 1, D] against a KV cache's views k, v [B, Hkv, L, D] (strided:
+// the cache's buffers are longer than L; the last axis must be contiguous), each query head reading its group's
+// KV head (GQA), with an optional boolean mask [B or 1, 1, 1, L] (a batch cache's left padding). MLX's CPU
+// fallback for this shape runs 4-6 graph nodes and a small BLAS call per sequence and head; this is one node.
+
+struct View {
+  const float* data;
+  int64_t strides[4];
+};
+
+void decode_attention(const float* q, View k, View v, const bool* mask, int64_t mask_batch_stride, float* out,
+                      int B, int Hq, int Hkv, int L, int D, float scale) {
+  const int rep = Hq / Hkv;
+  const size_t work = (size_t)B * Hq * L * D;
+  const int threads = kernel_threads.load() > 0 ? kernel_threads.load() : omp_get_max_threads();
+#pragma omp parallel for schedule(static) if (work >= PARALLEL_WORK) num_threads(threads)
+  for (int bh = 0; bh < B * Hq; ++bh) {
+    const int b = bh / Hq, h = bh % Hq, hk = h / rep;
+    const float* qv = q + (size_t)bh * D;
+    const float* kb = k.data + b * k.strides[0] + hk * k.strides[1];
+    const float* vb = v.data + b * v.strides[0] + hk * v.strides[1];
+    const bool* mrow = mask ? mask + b * mask_batch_stride : nullptr;
+    std::vector<float> scores(L);
+    float top = -std::numeric_limits<float>::infinity();
+    for (int l = 0; l < L; ++l) {
+      if (mrow && !mrow[l]) {
+        scores[l] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float* kl = kb + l * k.strides[2];
+      float dot = 0.f;
+      for (int d = 0; d < D; ++d) dot += qv[d] * kl[d];
+      scores[l] = dot * scale;
+      top = std::max(top, scores[l]);
+    }
+    float total = 0.f;
+    for (int l = 0; l < L; ++l) {
+      scores[l] = std::exp(scores[l] - top);
+      total += scores[l];
+    }
+    float* o = out + (size_t)bh * D;
+    for (int d = 0; d < D; ++d) o[d] = 0.f;
+    for (int l = 0; l < L; ++l) {
+      const float p = scores[l] / total;
+      if (p == 0.f) continue;
+      const float* vl = vb + l * v.strides[2];
+      for (int d = 0; d < D; ++d) o[d] += p * vl[d];
+    }
+  }
+}
+
+class DecodeAttention : public mx::Primitive {
+ public:
+  DecodeAttention(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& q = inputs[0];
+    auto& k = inputs[1];
+    auto& v = inputs[2];
+    auto& out = outputs[0];
+    if (!q.flags().row_contiguous || k.strides()[3] != 1 || v.strides()[3] != 1)
+      throw std::invalid_argument("decode_attention: q must be row-contiguous, k/v contiguous along head_dim");
+    const bool masked = inputs.size() == 4;
+    if (masked && (inputs[3].strides()[3] != 1))
+      throw std::invalid_argument("decode_attention: the mask must be contiguous along the keys");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    const int B = q.shape(0), Hq = q.shape(1), D = q.shape(3), Hkv = k.shape(1), L = k.shape(2);
+    const int64_t mask_batch_stride = masked && inputs[3].shape(0) > 1 ? inputs[3].strides()[0] : 0;
+    encoder.dispatch([q = mx::array::unsafe_weak_copy(q), k = mx::array::unsafe_weak_copy(k),
+                      v = mx::array::unsafe_weak_copy(v),
+                      m = masked ? std::optional<mx::array>(mx::array::unsafe_weak_copy(inputs[3])) : std::nullopt,
+                      out = mx::array::unsafe_weak_copy(out), B, Hq, Hkv, L, D, mask_batch_stride,
+                      scale = scale_]() mutable {
+      View kv{k.data<float>(), {k.strides()[0], k.strides()[1], k.strides()[2], k.strides()[3]}};
+      View vv{v.data<float>(), {v.strides()[0], v.strides()[1], v.strides()[2], v.strides()[3]}};
+      decode_attention(q.data<float>(), kv, vv, m ? m->data<bool>() : nullptr, mask_batch_stride,
+                       out.data<float>(), B, Hq, Hkv, L, D, scale);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("solverx decode_attention runs on the CPU only");
+  }
+
+  const char* name() const override { return "SolverxDecodeAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const DecodeAttention&>(other).scale_;
+  }
+
+ private:
+  float scale_;
+};
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                    std::optional<mx::array> mask) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.shape(2) != 1)
+    throw std::invalid_argument("decode_attention takes q [B, H, 1, D] and k, v [B, Hkv, L, D]");
+  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
+    throw std::invalid_argument("decode_attention takes float32 q, k, v");
+  if (k.shape() != v.shape() || k.shape(0) != q.shape(0) || k.shape(3) != q.shape(3) ||
+      q.shape(1) % k.shape(1) != 0)
+    throw std::invalid_argument("decode_attention: q, k and v do not fit (batch, heads, head_dim)");
+  std::vector<mx::array> inputs = {q, k, v};
+  if (mask) {
+    const auto& m = *mask;
+    if (m.dtype() != mx::bool_ || m.ndim() != 4 || m.shape(1) != 1 || m.shape(2) != 1 ||
+        m.shape(3) != k.shape(2) || (m.shape(0) != 1 && m.shape(0) != q.shape(0)))
+      throw std::invalid_argument("decode_attention takes a boolean mask [B or 1, 1, 1, L]");
+    inputs.push_back(m);
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(s, scale), inputs);
+}
+
 }  // namespace
 
 NB_MODULE(_solverx_qmm, m) {
   m.doc() = "Fast CPU products against MLX affine-quantized weights (see qmm.cpp)";
+  m.def("decode_attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
+        nb::arg("mask") = nb::none(),
+        "softmax(scale * q k^T) v for one query token per sequence against a KV cache (GQA, boolean mask)");
   m.def("set_threads", [](int n) { kernel_threads.store(n > 0 ? n : 0); }, nb::arg("threads"),
         "the threads each product may use (0: every core)");
   m.def("quantized_matmul", &quantized_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
