@@ -3,7 +3,8 @@
 Run with ``.venv/bin/python bench/vs_llamacpp.py`` (the first run builds llama-server: :mod:`llamacpp`).
 
 Ours serves the real default base as :func:`benchkit.real_base` imports it (SmolLM2-135M-Instruct, Q4_1 dequantized
-to float32 MLX); llama-server serves the Q4_1 GGUF file itself. Both on ``THREADS`` (2) threads, through
+to float32 MLX, whose decode-sized products run on our CPU kernel over the exact 4-/8-bit values:
+solverx.engine.cpu_kernels); llama-server serves the Q4_1 GGUF file itself. Both on ``THREADS`` (2) threads, through
 ``/v1/chat/completions``, temperature 0, ``ignore_eos`` so every request generates exactly ``MAX_TOKENS`` (128), no
 prompt cache on either side (ours ``--prompt-cache-bytes 0``, llama.cpp ``cache_prompt: false``) and a different
 prompt on every request. Measured, on both sides:
@@ -128,6 +129,14 @@ def make_adapters(model_dir: Path, out: Path, count: int) -> tuple[list[Path], l
 # ---- requests --------------------------------------------------------------------------------------------------
 
 
+def _client(url: str):
+    """A client that opens a connection per request: llama-server may close a kept-alive connection between two
+    requests, which httpx then reports as 'Server disconnected' (two runs in five here); the same for both sides."""
+    import httpx
+
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 async def _stream(client, body: dict) -> dict:
     """One streamed chat completion: completion tokens (from usage), seconds to the first content chunk and to the
     last chunk, prompt tokens, and the text."""
@@ -170,9 +179,8 @@ def _story(i: int) -> str:
 
 async def single_decode(url: str, fields: dict, repeats: int) -> float:
     """Median over ``repeats`` streams of (completion tokens − 1) / (last chunk − first content chunk)."""
-    import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with _client(url) as client:
         await _stream(client, _body(_story(99), 4, **fields))  # warm-up
         rates = []
         for i in range(repeats):
@@ -183,9 +191,8 @@ async def single_decode(url: str, fields: dict, repeats: int) -> float:
 
 async def ttft(url: str, long_text: str, fields: dict, repeats: int) -> tuple[float, int]:
     """Median seconds to the first content chunk of a ~1,000-token prompt (each one different), and its tokens."""
-    import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with _client(url) as client:
         await _stream(client, _body("Warm-up. " + long_text, 2, **fields))
         results = [await _stream(client, _body(f"Request {i}. {long_text}", 2, **fields)) for i in range(repeats)]
     return statistics.median(r["ttft"] for r in results), results[0]["prompt_tokens"]
@@ -194,9 +201,8 @@ async def ttft(url: str, long_text: str, fields: dict, repeats: int) -> tuple[fl
 async def aggregate(url: str, fields: list[dict], rounds: int) -> float:
     """Aggregate tok/s of len(fields) concurrent clients (client i's extra request fields: fields[i]), each sending
     ``rounds`` requests in a row: all completion tokens / wall time."""
-    import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with _client(url) as client:
         await asyncio.gather(*[_stream(client, _body(_story(i), 2, **f)) for i, f in enumerate(fields)])  # warm-up
 
         async def loop(i: int, f: dict) -> int:
@@ -208,10 +214,9 @@ async def aggregate(url: str, fields: list[dict], rounds: int) -> float:
 
 
 async def greedy(url: str, fields: list[dict]) -> list[str]:
-    import httpx
 
     prompt = "What is the capital of France? Answer in one paragraph."
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with _client(url) as client:
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 32, "temperature": 0}
         return [(await _stream(client, {**body, **f}))["text"] for f in fields]
 
@@ -312,7 +317,8 @@ def main() -> None:
         "common_prefix_chars_lora0": _common_prefix(ours["greedy_lora0"], theirs["greedy_lora0"]),
     }
     print(
-        f"model: {base_id}; ours {model_dir} (float32 MLX), llama.cpp {gguf_file.name}; {THREADS} threads; "
+        f"model: {base_id}; ours {model_dir} (float32 MLX + our CPU kernel), llama.cpp {gguf_file.name}; "
+        f"{THREADS} threads; "
         f"{MAX_TOKENS} new tokens per request (ignore_eos); llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({binary})"
     )
     for label, key, unit in rows:
