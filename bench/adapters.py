@@ -1,6 +1,7 @@
 """Adapter serving benchmark: our daemon vs mlx_lm.server, side by side in one run, on the same ~25M model.
 
-Run with ``.venv/bin/python bench/adapters.py`` (re-executes itself with OpenBLAS preloaded on Linux).
+Run with ``.venv/bin/python bench/adapters.py`` (re-executes itself with OpenBLAS preloaded on Linux); ``--real``
+serves the real default base (SmolLM2-135M-Instruct, as bench/vs_llamacpp.py) on both sides instead.
 
 Workloads (the same prompts and max_tokens everywhere, temperature 0):
 
@@ -155,18 +156,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client in the concurrent loads")
+    parser.add_argument("--real", action="store_true", help="the real default base (SmolLM2-135M) instead of ~25M")
     args = parser.parse_args()
 
     from solverx.models.tiny import BENCH_SPEC, ensure_tiny
 
-    cache = REPO / ".state" / "bench" / "models"
-    model_dir = ensure_tiny(cache, BENCH_SPEC, base_id=BASE_ID)
+    if args.real:
+        from benchkit import real_base
+
+        model_dir, base_id = real_base()
+    else:
+        model_dir, base_id = ensure_tiny(REPO / ".state" / "bench" / "models", BENCH_SPEC, base_id=BASE_ID), BASE_ID
     env = dict(preload_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="solverx-bench-") as tmp:
         home = Path(tmp) / "home"
         (home / "models").mkdir(parents=True)
-        (home / "models" / BASE_ID).symlink_to(model_dir)
+        (home / "models" / base_id).symlink_to(model_dir)
         adapters = make_adapters(model_dir, Path(tmp) / "adapters", 8)
         max_tokens = args.max_tokens
 
@@ -174,7 +180,7 @@ def main() -> None:
         port = _free_port()
         ours = subprocess.Popen(
             [sys.executable, "-m", "solverx", "serve", "--home", str(home), "--port", str(port),
-             "--base-models", BASE_ID, "--log-level", "warning", "--max-resident-adapters", "9"],
+             "--base-models", base_id, "--log-level", "warning", "--max-resident-adapters", "9"],
             cwd=REPO, env=env,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -190,7 +196,7 @@ def main() -> None:
             results["ours_8_adapters"] = asyncio.run(_load(url, mixed, args.rounds))
             results["ours_1_adapter"] = asyncio.run(_load(url, same, args.rounds))
             results["ours_single_adapter"] = asyncio.run(_single(url, mixed[0], 3))
-            base = _body(PROMPTS[0], max_tokens, model=BASE_ID, ignore_eos=True)
+            base = _body(PROMPTS[0], max_tokens, model=base_id, ignore_eos=True)
             results["ours_single_base"] = asyncio.run(_single(url, base, 3))
             results["swap_ms"] = asyncio.run(_swap_latency(url, adapters[1], 5))
         finally:
@@ -216,7 +222,7 @@ def main() -> None:
             incumbent.wait(timeout=30)
 
     r = results
-    print(f"model: {BASE_ID} ({model_dir}), {max_tokens} new tokens per request, {args.rounds} requests per client")
+    print(f"model: {base_id} ({model_dir}), {max_tokens} new tokens per request, {args.rounds} requests per client")
     print(
         f"(a) 8 clients, 8 adapters: ours {r['ours_8_adapters']:.1f} tok/s, mlx_lm.server {r['mlx_lm_8_adapters']:.1f}"
     )
