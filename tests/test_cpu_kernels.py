@@ -207,3 +207,24 @@ def test_real_base_serves_the_same_answers_on_the_kernel(kernel, smollm_dir, tmp
             engine.stop()
     assert len(answers[True][0]) > 80 and answers[True][0] != answers[True][1]  # the adapter changes the answer
     assert answers[True] == answers[False]
+
+
+def test_switched_off_the_engine_serves_float32_and_says_why(tmp_path):
+    """SOLVERX_CPU_KERNELS=0 (or a machine where the kernel cannot be built): no kernel, one line saying why."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, mlx.nn as nn\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from solverx.engine import cpu_kernels\n"
+        "model = nn.Sequential(nn.Linear(64, 32))\n"
+        "print(cpu_kernels.speed_up(model).describe())\n"
+    )
+    env = dict(os.environ, SOLVERX_CPU_KERNELS="0", SOLVERX_KERNEL_CACHE=str(tmp_path / "kernels"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "float32 everywhere (SOLVERX_CPU_KERNELS=0)"
+    assert "fast CPU kernels unavailable (SOLVERX_CPU_KERNELS=0): serving float32 weights" in done.stderr
+    assert not (tmp_path / "kernels").exists()  # nothing was built

@@ -3,7 +3,7 @@
 A decode step on MLX's CPU backend reads every weight of the model once per token, and MLX's CPU quantized
 kernels are scalar loops (3.5× slower than float32 BLAS on this project's machines, so the default base is served
 in float32, 540 MB of reads a token). ``kernels/qmm.cpp`` is one MLX primitive that multiplies 1–16 rows against
-MLX's own affine 4-/8-bit layout with AVX2/AVX-512 on every core: 4–8× faster than float32 per matrix here.
+MLX's own affine 4-/8-bit layout with AVX2/AVX-512 on every core: 4–6× faster than float32 for one row here.
 
 Nothing about the served numbers changes. :func:`exact_quantization` only quantizes a weight whose values already
 lie exactly on a 4- or 8-bit grid, which is what a float32 import of a GGUF file's Q4_1/Q8_0 blocks (the default
@@ -50,7 +50,8 @@ SOURCES = Path(__file__).with_name("kernels")
 MODULE = "_solverx_qmm"
 CACHE_ENV = "SOLVERX_KERNEL_CACHE"
 SWITCH_ENV = "SOLVERX_CPU_KERNELS"  # "0" turns the kernels off
-# Rows up to which the kernel beats float32 BLAS here (bench/qmm.py: 16 rows 0.33 vs 0.43 ms, 32 rows 0.62 vs 0.39).
+# Rows up to which the kernel is at least as fast as float32 BLAS here (bench/qmm.py, 576->1536 4-bit: 16 rows 0.220
+# vs 0.222 ms, 32 rows 0.436 vs 0.355; the tied head: 16 rows 6.97 vs 9.75 ms, 32 rows 13.3 vs 12.4).
 KERNEL_ROWS = 16
 GROUP = 32
 # A value counts as on the grid within this share of a quantization step (float32 rounding of d*q + m).
@@ -75,14 +76,19 @@ def _build_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _arch_flags() -> str:
-    """AVX2 everywhere on x86-64 (the kernel's floor), AVX-512 where this CPU has it."""
-    flags = "-mavx2 -mfma -mf16c"
+def _cpu_flags() -> set[str]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return flags
-    if " avx512f " in cpuinfo and " avx512bw " in cpuinfo:
+        return set()
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _arch_flags() -> str:
+    """AVX2, FMA and F16C (the kernel's floor: :func:`_unavailable_here` checks them), AVX-512 where this CPU has it."""
+    flags = "-mavx2 -mfma -mf16c"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags():
         flags += " -mavx512f -mavx512bw -mavx512vl -mavx512dq"
     return flags
 
@@ -170,7 +176,7 @@ def load() -> Availability:
             target = _cache_root() / _build_key()
             with exclusive(_cache_root() / f".{target.name}.lock"):
                 if not target.is_dir():
-                    log.info("building the fast CPU kernels into %s (once, ~20 s)", target)
+                    log.info("building the fast CPU kernels into %s (once, ~15 s)", target)
                     _build(target)
             module = _import(target)
             module.set_threads(_own_threads())
@@ -189,6 +195,9 @@ def _unavailable_here() -> str | None:
         return "MLX runs on a GPU here"
     if platform.machine() not in {"x86_64", "AMD64"}:
         return f"the kernel is written for x86-64, this is {platform.machine()}"
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             return f"no {tool} on PATH"
