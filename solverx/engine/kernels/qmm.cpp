@@ -52,10 +52,22 @@ inline v8f load8(const float* p) {
   return v;
 }
 
+// A tree, not a chain of 15 dependent adds (that chain was a fifth of a 576-wide row's time).
 inline float hsum(v16f v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+#if defined(__AVX512F__)
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  return _mm512_reduce_add_ps(m);
+#else
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  __m256 s8 = _mm256_add_ps(lo, hi);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+#endif
 }
 
 // 16 unsigned bytes as 16 floats. GCC turns a generic byte-vector conversion into scalar code, hence intrinsics.
@@ -117,53 +129,63 @@ void xprep(const float* x, int rows, int K, int group, int bits, float* xp, floa
 inline float as_float(float v) { return v; }
 inline float as_float(uint16_t half) { return _cvtsh_ss(half); }
 
-// Output rows n0..n1 for R rows of x. Scales and biases are float32, or float16 (S = uint16_t), as GGUF stores them.
-template <int BITS, int R, typename S>
+// Output rows n0..n1 for R rows of x, NR output rows at a time (independent chains for the out-of-order core, and
+// each x chunk loaded once for all of them). Scales and biases are float32, or float16 (S = uint16_t), as GGUF
+// stores them.
+template <int BITS, int R, int NR, typename S>
 void rows_tile(const float* xp, const float* xsum, const uint8_t* w, const S* scales, const S* biases, float* out,
                int K, int N, int group, int n0, int n1) {
   const int groups = K / group;
   const size_t row_bytes = (size_t)K * BITS / 8;
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + (size_t)n * row_bytes;
-    const S* sr = scales + (size_t)n * groups;
-    const S* br = biases + (size_t)n * groups;
-    v16f acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = v16f{};
+  int n = n0;
+  for (; n + NR <= n1; n += NR) {
+    v16f acc[NR][R];
+    float bias_term[NR][R];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = v16f{}, bias_term[i][r] = 0.f;
     for (int g = 0; g < groups; ++g) {
-      v16f part[R];
-      for (int r = 0; r < R; ++r) part[r] = v16f{};
+      v16f part[NR][R];
+      for (int i = 0; i < NR; ++i)
+        for (int r = 0; r < R; ++r) part[i][r] = v16f{};
       for (int c = g * group; c < (g + 1) * group; c += CHUNK) {
-        v16f a, b;
-        decode<BITS>(wr + (size_t)c * BITS / 8, a, b);
+        v16f a[NR], b[NR];
+        for (int i = 0; i < NR; ++i) decode<BITS>(w + (size_t)(n + i) * row_bytes + (size_t)c * BITS / 8, a[i], b[i]);
         for (int r = 0; r < R; ++r) {
-          const float* xr = xp + (size_t)r * K + c;
-          part[r] += a * load16(xr) + b * load16(xr + 16);
+          const v16f x0 = load16(xp + (size_t)r * K + c), x1 = load16(xp + (size_t)r * K + c + 16);
+          for (int i = 0; i < NR; ++i) part[i][r] += a[i] * x0 + b[i] * x1;
         }
       }
-      const float s = as_float(sr[g]);
-      for (int r = 0; r < R; ++r) acc[r] += s * part[r];
+      for (int i = 0; i < NR; ++i) {
+        const float s = as_float(scales[(size_t)(n + i) * groups + g]);
+        const float bias = as_float(biases[(size_t)(n + i) * groups + g]);
+        for (int r = 0; r < R; ++r) {
+          acc[i][r] += s * part[i][r];
+          bias_term[i][r] += bias * xsum[(size_t)r * groups + g];  // beside the vector work, not after it
+        }
+      }
     }
-    for (int r = 0; r < R; ++r) {
-      float bias_term = 0.f;
-      const float* xs = xsum + (size_t)r * groups;
-      for (int g = 0; g < groups; ++g) bias_term += as_float(br[g]) * xs[g];
-      out[(size_t)r * N + n] = hsum(acc[r]) + bias_term;
-    }
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < R; ++r) out[(size_t)r * N + n + i] = hsum(acc[i][r]) + bias_term[i][r];
+  }
+  if constexpr (NR > 1) {
+    if (n < n1) rows_tile<BITS, R, 1>(xp, xsum, w, scales, biases, out, K, N, group, n, n1);
   }
 }
 
+// Output rows in flight per row count of x: more where the accumulators leave registers to spare (32 on AVX-512).
+// One decode row, 30 different 576x576 4-bit matrices: 16.9 us a product with one output row at a time, 13.0 with 4.
 template <int BITS, typename S>
 void tile_dispatch(int R, const float* xp, const float* xsum, const uint8_t* w, const S* s, const S* b, float* out,
                    int K, int N, int group, int n0, int n1) {
   switch (R) {
-    case 1: return rows_tile<BITS, 1>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
-    case 2: return rows_tile<BITS, 2>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
-    case 3: return rows_tile<BITS, 3>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
-    case 4: return rows_tile<BITS, 4>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
-    case 5: return rows_tile<BITS, 5>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
-    case 6: return rows_tile<BITS, 6>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
-    case 7: return rows_tile<BITS, 7>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
-    default: return rows_tile<BITS, 8>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 1: return rows_tile<BITS, 1, 4>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 2: return rows_tile<BITS, 2, 4>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 3: return rows_tile<BITS, 3, 2>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 4: return rows_tile<BITS, 4, 2>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 5: return rows_tile<BITS, 5, 1>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 6: return rows_tile<BITS, 6, 1>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 7: return rows_tile<BITS, 7, 1>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
+    default: return rows_tile<BITS, 8, 1>(xp, xsum, w, s, b, out, K, N, group, n0, n1);
   }
 }
 
