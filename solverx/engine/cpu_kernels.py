@@ -76,13 +76,14 @@ def _build_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _cpu_flags() -> set[str]:
+@cache
+def _cpu_flags() -> frozenset[str]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
 def _arch_flags() -> str:
@@ -217,6 +218,11 @@ class Quantized:
     biases: mx.array
     bits: int
 
+    def times(self, module: ModuleType, x: mx.array, *lora: mx.array) -> mx.array:
+        """``x @ w.T`` on the kernel (plus the LoRA deltas when the stacks and slot ids are given), in x's dtype."""
+        y = module.quantized_matmul(x, self.packed, self.scales, self.biases, GROUP, self.bits, *lora)
+        return y.astype(x.dtype)
+
 
 def exact_quantization(weight: mx.array) -> Quantized | None:
     """``weight`` on a 4-bit (min–max, as GGUF's Q4_1) or 8-bit (symmetric, as Q8_0) grid per group of 32, if
@@ -266,13 +272,12 @@ class FastLinear(nn.Linear):
         if "bias" in linear:
             self.bias = linear.bias
         self._quantized = quantized  # not a parameter: the weights' tree and their bytes on disk stay as they were
-        self._kernel = module.quantized_matmul
+        self._module = module
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] > KERNEL_ROWS:
             return super().__call__(x)
-        q = self._quantized
-        y = self._kernel(x, q.packed, q.scales, q.biases, GROUP, q.bits).astype(x.dtype)
+        y = self._quantized.times(self._module, x)
         return y + self.bias if "bias" in self else y
 
     def with_lora(
@@ -282,9 +287,7 @@ class FastLinear(nn.Linear):
         id per sequence of ``x``'s first axis) in one kernel call; None for inputs the kernel does not take."""
         if x.size // x.shape[-1] > KERNEL_ROWS or x.ndim < 2 or slot_ids.size != x.shape[0]:
             return None
-        q = self._quantized
-        y = self._kernel(x, q.packed, q.scales, q.biases, GROUP, q.bits, lora_a, lora_b, scales, slot_ids)
-        y = y.astype(x.dtype)
+        y = self._quantized.times(self._module, x, lora_a, lora_b, scales, slot_ids)
         return y + self.bias if "bias" in self else y
 
 
@@ -295,13 +298,12 @@ class FastEmbedding(nn.Embedding):
         nn.Module.__init__(self)
         self.weight = embedding.weight
         self._quantized = quantized
-        self._kernel = module.quantized_matmul
+        self._module = module
 
     def as_linear(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] > KERNEL_ROWS:
             return super().as_linear(x)
-        q = self._quantized
-        return self._kernel(x, q.packed, q.scales, q.biases, GROUP, q.bits).astype(x.dtype)
+        return self._quantized.times(self._module, x)
 
 
 @dataclass(frozen=True)
@@ -371,26 +373,19 @@ def speed_up(model: nn.Module) -> SpeedUp:
     available = load()
     if available.module is None:
         return SpeedUp(0, 0, available.reason)
-    fast = kept = 0
-    replacements = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not isinstance(module, FastLinear):
-            quantized = exact_quantization(module.weight)
-            if quantized is None:
-                kept += 1
-                continue
-            mx.eval(quantized.packed, quantized.scales, quantized.biases)
-            replacements.append((name, FastLinear(module, quantized, available.module)))
-            fast += 1
+    candidates = [
+        (name, module, FastLinear)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not isinstance(module, FastLinear)
+    ]
     embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
-    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
-    if tied and type(embedding) is nn.Embedding:
-        quantized = exact_quantization(embedding.weight)
-        if quantized is None:
-            kept += 1
-        else:
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False) and type(embedding) is nn.Embedding:
+        candidates.append(("model.embed_tokens", embedding, FastEmbedding))
+    replacements = []
+    for name, module, fast_kind in candidates:
+        quantized = exact_quantization(module.weight)
+        if quantized is not None:
             mx.eval(quantized.packed, quantized.scales, quantized.biases)
-            replacements.append(("model.embed_tokens", FastEmbedding(embedding, quantized, available.module)))
-            fast += 1
+            replacements.append((name, fast_kind(module, quantized, available.module)))
     model.update_modules(tree_unflatten(replacements))
-    return SpeedUp(fast, kept)
+    return SpeedUp(len(replacements), len(candidates) - len(replacements))

@@ -22,7 +22,6 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
-#include <nanobind/stl/variant.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -260,6 +259,11 @@ constexpr size_t PARALLEL_WORK = 300000;
 // training ranks, answering processes) each set their share, as they do for OpenBLAS.
 std::atomic<int> kernel_threads{0};
 
+inline int threads_to_use() {
+  const int set = kernel_threads.load();
+  return set > 0 ? set : omp_get_max_threads();
+}
+
 template <typename S>
 void qmm(const float* x, const uint8_t* w, const S* scales, const S* biases, float* out, int M, int K, int N,
          int group, int bits, const LoraPlan& lora) {
@@ -269,8 +273,7 @@ void qmm(const float* x, const uint8_t* w, const S* scales, const S* biases, flo
   // Output rows in blocks of 16 (a cache line of results per x row), spread over the cores.
   const int blocks = (N + 15) / 16;
   const bool parallel = (size_t)M * N * K >= PARALLEL_WORK;
-  const int threads = kernel_threads.load() > 0 ? kernel_threads.load() : omp_get_max_threads();
-#pragma omp parallel for schedule(static) if (parallel) num_threads(threads)
+#pragma omp parallel for schedule(static) if (parallel) num_threads(threads_to_use())
   for (int blk = 0; blk < blocks; ++blk) {
     const int n0 = blk * 16, n1 = std::min(N, n0 + 16);
     for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
@@ -422,8 +425,7 @@ void decode_attention(const float* q, View k, View v, const bool* mask, int64_t 
                       int B, int Hq, int Hkv, int L, int D, float scale) {
   const int rep = Hq / Hkv;
   const size_t work = (size_t)B * Hq * L * D;
-  const int threads = kernel_threads.load() > 0 ? kernel_threads.load() : omp_get_max_threads();
-#pragma omp parallel for schedule(static) if (work >= PARALLEL_WORK) num_threads(threads)
+#pragma omp parallel for schedule(static) if (work >= PARALLEL_WORK) num_threads(threads_to_use())
   for (int bh = 0; bh < B * Hq; ++bh) {
     const int b = bh / Hq, h = bh % Hq, hk = h / rep;
     const float* qv = q + (size_t)bh * D;
