@@ -43,7 +43,11 @@ def _ms(run, repeats: int) -> float:
 def products(kernel, repeats: int) -> None:
     import mlx.core as mx
 
-    print(f"{'matrix':16} {'rows':>4} {'bits':>4} {'ours ms':>8} {'mlx q ms':>9} {'f32 ms':>7}  ours vs mlx q, vs f32")
+    int8 = kernel.INT8_X
+    print(
+        f"{'matrix':16} {'rows':>4} {'bits':>4} {'ours ms':>8} {'int8 x':>7} {'mlx q ms':>9} {'f32 ms':>7}  "
+        "ours vs mlx q, vs f32; int8 x vs ours (error vs float32 BLAS: ours, int8 x)"
+    )
     for label, (out_dim, in_dim) in SHAPES.items():
         w = mx.random.normal((out_dim, in_dim), key=mx.random.key(0)) * 0.02
         for bits in (4, 8):
@@ -55,14 +59,25 @@ def products(kernel, repeats: int) -> None:
                 n = max(3, repeats // rows)
                 arrays = (x, packed, scales, biases, dense, bits)
                 ours = _ms(lambda a=arrays: kernel.quantized_matmul(*a[:4], 32, a[5]), n)
+                with_int8 = _ms(lambda a=arrays: kernel.quantized_matmul(*a[:4], 32, a[5], quantize_x=True), n)
+                want = x @ dense.T
+                scale = mx.abs(want).max().item()
+                error = [
+                    mx.abs(kernel.quantized_matmul(x, packed, scales, biases, 32, bits, quantize_x=q) - want)
+                    .max()
+                    .item()
+                    / scale
+                    for q in (False, True)
+                ]
                 theirs = _ms(
                     lambda a=arrays: mx.quantized_matmul(*a[:4], transpose=True, group_size=32, bits=a[5]),
                     max(2, n // 8),
                 )
                 blas = _ms(lambda a=arrays: a[0] @ a[4].T, n)
                 print(
-                    f"{label:16} {rows:4} {bits:4} {ours:8.3f} {theirs:9.3f} {blas:7.3f}  "
-                    f"{theirs / ours:5.1f}x {blas / ours:5.2f}x"
+                    f"{label:16} {rows:4} {bits:4} {ours:8.3f} {with_int8:7.3f} {theirs:9.3f} {blas:7.3f}  "
+                    f"{theirs / ours:5.1f}x {blas / ours:5.2f}x; {ours / with_int8:5.2f}x "
+                    f"({error[0]:.1e}, {error[1]:.1e})" + ("" if int8 else " (no VNNI: int8 x is ours)")
                 )
 
 
@@ -98,18 +113,26 @@ def decode_steps(steps: int) -> None:
         return (time.perf_counter() - started) / steps * 1e3, out
 
     figures = {}
-    for label in ("float32", "kernel"):
+    for label in ("float32", "kernel", "int8 x"):
         if label == "kernel":
             speed = speed_up(model)
             print("speed_up:", speed.describe())
+        if label == "int8 x":
+            model, _ = load(str(model_dir))
+            speed = speed_up(model, int8_activations=True)
+            print("speed_up:", speed.describe())
         figures[label] = {batch: run(batch) for batch in (1, 8)}
     for batch in (1, 8):
-        f32, ours = figures["float32"][batch][0], figures["kernel"][batch][0]
-        same = figures["float32"][batch][1] == figures["kernel"][batch][1]
-        print(
-            f"decode step, batch {batch}: float32 {f32:.2f} ms ({batch * 1e3 / f32:.1f} tok/s), kernel {ours:.2f} ms "
-            f"({batch * 1e3 / ours:.1f} tok/s): {f32 / ours:.2f}x; same {steps + 2} tokens: {same}"
-        )
+        f32 = figures["float32"][batch][0]
+        for label in ("kernel", "int8 x"):
+            ours = figures[label][batch][0]
+            tokens, want = figures[label][batch][1], figures["float32"][batch][1]
+            agree = next((i for i, (a, b) in enumerate(zip(tokens, want, strict=True)) if a != b), len(want))
+            print(
+                f"decode step, batch {batch}: float32 {f32:.2f} ms ({batch * 1e3 / f32:.1f} tok/s), {label} "
+                f"{ours:.2f} ms ({batch * 1e3 / ours:.1f} tok/s): {f32 / ours:.2f}x; "
+                f"first {agree} of {len(want)} greedy tokens as float32's"
+            )
 
 
 def main() -> None:

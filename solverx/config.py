@@ -54,6 +54,7 @@ class Settings:
     max_body_bytes: int
     prefill_chunk_while_decoding: int
     prompt_cache_bytes: int
+    cpu_activations: str
     train_hosts: tuple[str, ...] | None
     train_backend: str
     config: Path
@@ -137,6 +138,14 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     ),
     SettingField(
         "prompt_cache_bytes", "size", 256 * MiB, "KV cache of recent prompts, for their next turns (0: off)", minimum=0
+    ),
+    SettingField(
+        "cpu_activations",
+        "choice",
+        "float32",
+        "decode products of a 4/8-bit base on a CPU: float32 (answers as the float32 model) or int8 (x rounded per "
+        "32 values with AVX-512 VNNI, as llama.cpp: faster for several streams, answers differ after a few tokens)",
+        choices=("float32", "int8"),
     ),
     SettingField(
         "train_hosts",

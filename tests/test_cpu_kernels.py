@@ -69,6 +69,50 @@ def test_kernel_adds_each_sequences_lora_delta(kernel, tokens):
     assert mx.allclose(got[1], base[1], rtol=1e-5, atol=1e-5).item()
 
 
+def _rounded_per_32(x: mx.array) -> mx.array:
+    """x as the int8 path sees it: rounded to int8 per 32 values, d = max|x| / 127 (GGUF's Q8_0)."""
+    chunks = x.reshape(*x.shape[:-1], -1, 32)
+    step = mx.abs(chunks).max(axis=-1, keepdims=True) / 127
+    return (mx.round(chunks / mx.where(step > 0, step, 1)) * step).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_int8_activations_compute_the_rounded_x_exactly(kernel, bits, group, rows):
+    """With quantize_x the product is the float product of x rounded per 32 values (no other error: the bias
+    term uses the rounded sum too), with float16 scales as GGUF's, and with a LoRA delta on the unrounded x."""
+    if not kernel.INT8_X:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    w = mx.random.normal((72, 384), key=mx.random.key(bits + group)) * 0.05
+    packed, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)
+    x = mx.random.normal((rows, 384), key=mx.random.key(rows)) * 3
+    x[0, :32] = 0.0  # an all-zero chunk
+    want = kernel.quantized_matmul(_rounded_per_32(x), packed, scales, biases, group, bits)
+    got = kernel.quantized_matmul(x, packed, scales, biases, group, bits, quantize_x=True)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-4).item()
+    exact = kernel.quantized_matmul(x, packed, scales, biases, group, bits)
+    assert not mx.allclose(got, exact, rtol=1e-5, atol=1e-4).item()  # it did round
+    assert (mx.abs(got - exact).max() / mx.abs(exact).max()).item() < 0.02  # by a little
+
+    a = mx.random.normal((2, 384, 4), key=mx.random.key(5))
+    b = mx.random.normal((2, 4, 72), key=mx.random.key(6))
+    ids = mx.zeros((rows,), dtype=mx.uint32) + 1
+    lora = (a, b, mx.array([0.0, 0.5]), ids)
+    with_lora = kernel.quantized_matmul(x, packed, scales, biases, group, bits, *lora, quantize_x=True)
+    delta = 0.5 * (x @ a[1]) @ b[1]
+    assert mx.allclose(with_lora, got + delta, rtol=1e-4, atol=1e-3).item()
+
+
+def test_int8_activations_leave_widths_that_are_no_multiple_of_64_exact(kernel):
+    w = mx.random.normal((40, 96), key=mx.random.key(0))
+    packed, scales, biases = mx.quantize(w, group_size=32, bits=4)
+    x = mx.random.normal((2, 96), key=mx.random.key(1))
+    exact = kernel.quantized_matmul(x, packed, scales, biases, 32, 4)
+    assert mx.array_equal(kernel.quantized_matmul(x, packed, scales, biases, 32, 4, quantize_x=True), exact).item()
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("masked", [False, True])
 def test_decode_attention_matches_mlx_on_a_cache_view(kernel, batch, masked):
@@ -228,3 +272,18 @@ def test_switched_off_the_engine_serves_float32_and_says_why(tmp_path):
     assert done.stdout.strip() == "float32 everywhere (SOLVERX_CPU_KERNELS=0)"
     assert "fast CPU kernels unavailable (SOLVERX_CPU_KERNELS=0): serving float32 weights" in done.stderr
     assert not (tmp_path / "kernels").exists()  # nothing was built
+
+
+def test_real_base_with_int8_activations_still_answers(kernel, smollm_dir):
+    """cpu_activations = int8: every projection rounds x to int8 (on a CPU with VNNI) and the base still answers
+    a plain question right; the engine's log line says how many projections do."""
+    if not kernel.INT8_X:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    engine = Engine(smollm_dir, "smollm", EngineConfig(int8_activations=True)).start()
+    try:
+        assert (engine.speed_up.fast, engine.speed_up.int8) == (211, 211)
+        assert "211 of them with int8 activations" in engine.speed_up.describe()
+        prompt = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in _greedy(engine, prompt, 24)
+    finally:
+        engine.stop()

@@ -68,6 +68,7 @@ def _run_settings(settings: Settings, base_dir: str | Path | None) -> None:
         max_adapter_bytes=settings.max_adapter_bytes,
         prefill_chunk_while_decoding=settings.prefill_chunk_while_decoding,
         prompt_cache_bytes=settings.prompt_cache_bytes,
+        int8_activations=settings.cpu_activations == "int8",
     )
     dirs = state_dirs(settings.home)
     state = _state(dirs, bases, engine_config)

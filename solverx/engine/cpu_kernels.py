@@ -5,7 +5,8 @@ kernels are scalar loops (3.5× slower than float32 BLAS on this project's machi
 in float32, 540 MB of reads a token). ``kernels/qmm.cpp`` is one MLX primitive that multiplies 1–16 rows against
 MLX's own affine 4-/8-bit layout with AVX2/AVX-512 on every core: 4–6× faster than float32 for one row here.
 
-Nothing about the served numbers changes. :func:`exact_quantization` only quantizes a weight whose values already
+Nothing about the served numbers changes (unless ``cpu_activations = "int8"`` asks for llama.cpp's trade, see
+:func:`speed_up`). :func:`exact_quantization` only quantizes a weight whose values already
 lie exactly on a 4- or 8-bit grid, which is what a float32 import of a GGUF file's Q4_1/Q8_0 blocks (the default
 base) is: the kernel then computes with the very values training saw. Any other weight stays float32. The float32
 weights stay too, for prompts (more than ``KERNEL_ROWS`` rows), where BLAS is faster.
@@ -32,7 +33,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -91,6 +92,8 @@ def _arch_flags() -> str:
     flags = "-mavx2 -mfma -mf16c"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags():
         flags += " -mavx512f -mavx512bw -mavx512vl -mavx512dq"
+        if "avx512_vnni" in _cpu_flags():
+            flags += " -mavx512vnni"  # the int8-activation products (speed_up's int8_activations)
     return flags
 
 
@@ -217,10 +220,12 @@ class Quantized:
     scales: mx.array  # float16 (as GGUF stores them) or float32 [out, in / 32]
     biases: mx.array
     bits: int
+    int8_x: bool = False  # x rounded to int8 per 32 values for the product (see speed_up)
 
     def times(self, module: ModuleType, x: mx.array, *lora: mx.array) -> mx.array:
         """``x @ w.T`` on the kernel (plus the LoRA deltas when the stacks and slot ids are given), in x's dtype."""
-        y = module.quantized_matmul(x, self.packed, self.scales, self.biases, GROUP, self.bits, *lora)
+        stacks = lora or (None, None, None, None)
+        y = module.quantized_matmul(x, self.packed, self.scales, self.biases, GROUP, self.bits, *stacks, self.int8_x)
         return y.astype(x.dtype)
 
 
@@ -313,11 +318,13 @@ class SpeedUp:
     fast: int
     kept: int
     reason: str = ""
+    int8: int = 0  # of the fast ones, those with int8 activations
 
     def describe(self) -> str:
         if self.reason:
             return f"float32 everywhere ({self.reason})"
-        return f"{self.fast} projections on the fast CPU kernel (exact 4/8-bit), {self.kept} kept float32"
+        x = f", {self.int8} of them with int8 activations" if self.int8 else ""
+        return f"{self.fast} projections on the fast CPU kernel (exact 4/8-bit){x}, {self.kept} kept float32"
 
 
 _attention = threading.local()  # .module while an engine builds a decode step on the kernel (this thread only)
@@ -367,12 +374,17 @@ def decode_attention(speed: SpeedUp) -> Iterator[None]:
         _attention.module = None
 
 
-def speed_up(model: nn.Module) -> SpeedUp:
+def speed_up(model: nn.Module, int8_activations: bool = False) -> SpeedUp:
     """Give every linear projection (and a tied embedding's output projection) whose weight is exactly 4- or
-    8-bit the kernel, in place. Call before the LoRA wrapping, which wraps whatever projection it finds."""
+    8-bit the kernel, in place. Call before the LoRA wrapping, which wraps whatever projection it finds.
+
+    ``int8_activations``: where the CPU has AVX-512 VNNI, the products also round x to int8 per 32 values, as
+    llama.cpp does (its Q8_0 activations): several times fewer instructions per weight, at the cost of answers
+    that are no longer bit for bit the float32 model's."""
     available = load()
     if available.module is None:
         return SpeedUp(0, 0, available.reason)
+    int8_x = int8_activations and available.module.INT8_X
     candidates = [
         (name, module, FastLinear)
         for name, module in model.named_modules()
@@ -385,7 +397,9 @@ def speed_up(model: nn.Module) -> SpeedUp:
     for name, module, fast_kind in candidates:
         quantized = exact_quantization(module.weight)
         if quantized is not None:
+            quantized = replace(quantized, int8_x=int8_x and module.weight.shape[1] % 64 == 0)
             mx.eval(quantized.packed, quantized.scales, quantized.biases)
             replacements.append((name, fast_kind(module, quantized, available.module)))
     model.update_modules(tree_unflatten(replacements))
-    return SpeedUp(len(replacements), len(candidates) - len(replacements))
+    int8 = sum(fast._quantized.int8_x for _, fast in replacements)
+    return SpeedUp(len(replacements), len(candidates) - len(replacements), int8=int8)

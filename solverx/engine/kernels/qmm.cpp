@@ -188,6 +188,146 @@ void tile_dispatch(int R, const float* xp, const float* xsum, const uint8_t* w, 
   }
 }
 
+// ---- 8-bit activations (AVX-512 VNNI) ---------------------------------------------------------------------------
+// What llama.cpp does on x86: x is rounded to int8 per 32-chunk (symmetric, d = max|x| / 127, as GGUF's Q8_0), and
+// each 64 weights times 64 x values is one vpdpbusd (unsigned weight bytes times signed x bytes, summed in int32
+// lanes of four), instead of unpacking weights into floats for 2 x 16 float multiply-adds per row of x. The
+// weights' own values are unchanged; x loses about 1/254 of its largest value per chunk, which moves a logit by
+// about what float16 activations would.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SOLVERX_INT8_X 1
+
+constexpr int PAIR = 64;  // weights per vpdpbusd: two 32-chunks
+
+// Pair p of a row as 64 unsigned bytes. 4-bit: [c0 even, c1 even, c0 odd, c1 odd] elements (16 each: low nibbles
+// of both chunks' 32 bytes, then high nibbles), so int32 lanes 0-3 and 8-11 sum chunk 0, lanes 4-7 and 12-15 chunk
+// 1. 8-bit: the 64 bytes as they are, lanes 0-7 chunk 0 and 8-15 chunk 1.
+template <int BITS>
+inline __m512i decode_pair(const uint8_t* bytes) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(bytes);
+  } else {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+    return _mm512_and_si512(both, _mm512_set1_epi8(15));
+  }
+}
+
+// The int32 lanes that belong to a pair's second chunk (see decode_pair).
+template <int BITS>
+constexpr __mmask16 SECOND_CHUNK = BITS == 8 ? 0xFF00 : 0xF0F0;
+
+// x rounded to int8 in decode_pair's order, with each lane's chunk scale d (16 floats per pair) and the rounded
+// x's sum per weight group (the bias term).
+void xprep_int8(const float* x, int rows, int K, int group, int bits, int8_t* xq, float* xd, float* xsum) {
+  const int groups = K / group, pairs = K / PAIR;
+  std::vector<float> chunk_sums(K / CHUNK);
+  for (int m = 0; m < rows; ++m) {
+    const float* xr = x + (size_t)m * K;
+    for (int p = 0; p < pairs; ++p) {
+      int8_t* q = xq + (size_t)m * K + (size_t)p * PAIR;
+      float* d = xd + ((size_t)m * pairs + p) * 16;
+      for (int half = 0; half < 2; ++half) {
+        const float* c = xr + p * PAIR + half * CHUNK;
+        float amax = 0.f;
+        for (int i = 0; i < CHUNK; ++i) amax = std::max(amax, std::fabs(c[i]));
+        const float step = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+        int total = 0;
+        for (int i = 0; i < CHUNK; ++i) {
+          const int8_t v = (int8_t)std::nearbyint(c[i] * inverse);
+          total += v;
+          // 4-bit: element i of chunk `half` goes to the even or odd block of 16 for that chunk
+          const int at = bits == 8 ? half * CHUNK + i : (i % 2) * 32 + half * 16 + i / 2;
+          q[at] = v;
+        }
+        for (int lane = 0; lane < 16; ++lane) {
+          const bool second = bits == 8 ? lane >= 8 : (lane / 4) % 2 == 1;
+          if (second == (half == 1)) d[lane] = step;
+        }
+        // The bias term takes the sum of the rounded x, as llama.cpp's Q8_1 does: w = s * q + bias with q in
+        // [0, 15] is far from centred, so s * sum(q * rounding error) cancels only against bias * the same error.
+        chunk_sums[p * 2 + half] = step * (float)total;
+      }
+    }
+    float* sums = xsum + (size_t)m * groups;
+    for (int g = 0; g < groups; ++g) sums[g] = 0.f;
+    for (int c = 0; c < K / CHUNK; ++c) sums[c * CHUNK / group] += chunk_sums[c];
+  }
+}
+
+inline __m512 load_scales(const float* s, int count) {
+  return _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), s);
+}
+inline __m512 load_scales(const uint16_t* s, int count) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), s));
+}
+
+// sum over groups of bias[g] * xsum[g], 16 groups at a time.
+template <typename S>
+inline float bias_dot(const S* bias, const float* xsum, int groups) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int g = 0; g < groups; g += 16) {
+    const int count = std::min(16, groups - g);
+    acc = _mm512_fmadd_ps(load_scales(bias + g, count), load_scales(xsum + g, count), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <int BITS, int R, int NR, typename S>
+void rows_tile_int8(const int8_t* xq, const float* xd, const float* xsum, const uint8_t* w, const S* scales,
+                    const S* biases, float* out, int K, int N, int group, int n0, int n1) {
+  const int groups = K / group, pairs = K / PAIR, chunks_per_group = group / CHUNK;
+  const size_t row_bytes = (size_t)K * BITS / 8;
+  int n = n0;
+  for (; n + NR <= n1; n += NR) {
+    __m512 acc[NR][R];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; ++p) {
+      __m512i wv[NR];
+      __m512 ws[NR];
+      const int g0 = 2 * p / chunks_per_group, g1 = (2 * p + 1) / chunks_per_group;
+      for (int i = 0; i < NR; ++i) {
+        wv[i] = decode_pair<BITS>(w + (size_t)(n + i) * row_bytes + (size_t)p * PAIR * BITS / 8);
+        const S* srow = scales + (size_t)(n + i) * groups;
+        ws[i] = _mm512_mask_blend_ps(SECOND_CHUNK<BITS>, _mm512_set1_ps(as_float(srow[g0])),
+                                     _mm512_set1_ps(as_float(srow[g1])));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i xv = _mm512_loadu_si512(xq + (size_t)r * K + (size_t)p * PAIR);
+        const __m512 dv = _mm512_loadu_ps(xd + ((size_t)r * pairs + p) * 16);
+        for (int i = 0; i < NR; ++i) {
+          const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[i], xv);
+          acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(ws[i], dv), acc[i][r]);
+        }
+      }
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < R; ++r)
+        out[(size_t)r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]) +
+                                     bias_dot(biases + (size_t)(n + i) * groups, xsum + (size_t)r * groups, groups);
+  }
+  if constexpr (NR > 1) {
+    if (n < n1) rows_tile_int8<BITS, R, 1>(xq, xd, xsum, w, scales, biases, out, K, N, group, n, n1);
+  }
+}
+
+template <int BITS, typename S>
+void tile_dispatch_int8(int R, const int8_t* xq, const float* xd, const float* xsum, const uint8_t* w, const S* s,
+                        const S* b, float* out, int K, int N, int group, int n0, int n1) {
+  switch (R) {
+    case 1: return rows_tile_int8<BITS, 1, 4>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 2: return rows_tile_int8<BITS, 2, 4>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 3: return rows_tile_int8<BITS, 3, 4>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 4: return rows_tile_int8<BITS, 4, 2>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 5: return rows_tile_int8<BITS, 5, 2>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 6: return rows_tile_int8<BITS, 6, 2>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+    case 7: return rows_tile_int8<BITS, 7, 2>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+    default: return rows_tile_int8<BITS, 8, 2>(xq, xd, xsum, w, s, b, out, K, N, group, n0, n1);
+  }
+}
+#endif
+
 // Per-sequence LoRA deltas: row m belongs to sequence m / per_seq, which uses slot ids[seq] of the stacks
 // a [slots, K, r] and b [slots, r, N], with that slot's scale (0 = no adapter: the row gets nothing). The
 // Punica/S-LoRA gather of solverx.engine.lora for decode-sized inputs, without two graph nodes per projection:
@@ -266,10 +406,26 @@ inline int threads_to_use() {
 
 template <typename S>
 void qmm(const float* x, const uint8_t* w, const S* scales, const S* biases, float* out, int M, int K, int N,
-         int group, int bits, const LoraPlan& lora) {
+         int group, int bits, bool quantize_x, const LoraPlan& lora) {
   const int groups = K / group;
-  std::vector<float> xp((size_t)M * K), xsum((size_t)M * groups);
-  xprep(x, M, K, group, bits, xp.data(), xsum.data());
+#ifdef SOLVERX_INT8_X
+  const bool int8_x = quantize_x && K % PAIR == 0;
+#else
+  const bool int8_x = false;
+  (void)quantize_x;
+#endif
+  std::vector<float> xp, xd, xsum((size_t)M * groups);
+  std::vector<int8_t> xq;
+  if (int8_x) {
+#ifdef SOLVERX_INT8_X
+    xq.resize((size_t)M * K);
+    xd.resize((size_t)M * (K / PAIR) * 16);
+    xprep_int8(x, M, K, group, bits, xq.data(), xd.data(), xsum.data());
+#endif
+  } else {
+    xp.resize((size_t)M * K);
+    xprep(x, M, K, group, bits, xp.data(), xsum.data());
+  }
   // Output rows in blocks of 16 (a cache line of results per x row), spread over the cores.
   const int blocks = (N + 15) / 16;
   const bool parallel = (size_t)M * N * K >= PARALLEL_WORK;
@@ -278,13 +434,24 @@ void qmm(const float* x, const uint8_t* w, const S* scales, const S* biases, flo
     const int n0 = blk * 16, n1 = std::min(N, n0 + 16);
     for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
       const int R = std::min(MAX_ROWS, M - m0);
-      const float* xpm = xp.data() + (size_t)m0 * K;
       const float* xsm = xsum.data() + (size_t)m0 * groups;
       float* om = out + (size_t)m0 * N;
-      if (bits == 8)
-        tile_dispatch<8>(R, xpm, xsm, w, scales, biases, om, K, N, group, n0, n1);
-      else
-        tile_dispatch<4>(R, xpm, xsm, w, scales, biases, om, K, N, group, n0, n1);
+      if (int8_x) {
+#ifdef SOLVERX_INT8_X
+        const int8_t* xqm = xq.data() + (size_t)m0 * K;
+        const float* xdm = xd.data() + (size_t)m0 * (K / PAIR) * 16;
+        if (bits == 8)
+          tile_dispatch_int8<8>(R, xqm, xdm, xsm, w, scales, biases, om, K, N, group, n0, n1);
+        else
+          tile_dispatch_int8<4>(R, xqm, xdm, xsm, w, scales, biases, om, K, N, group, n0, n1);
+#endif
+      } else {
+        const float* xpm = xp.data() + (size_t)m0 * K;
+        if (bits == 8)
+          tile_dispatch<8>(R, xpm, xsm, w, scales, biases, om, K, N, group, n0, n1);
+        else
+          tile_dispatch<4>(R, xpm, xsm, w, scales, biases, om, K, N, group, n0, n1);
+      }
     }
     if (lora.b != nullptr) add_lora_columns(lora, out, M, N, n0, n1);
   }
@@ -308,7 +475,8 @@ void gather(const mx::array& x, float* dst) {
 
 class CpuQuantizedMatmul : public mx::Primitive {
  public:
-  CpuQuantizedMatmul(mx::Stream stream, int group, int bits) : mx::Primitive(stream), group_(group), bits_(bits) {}
+  CpuQuantizedMatmul(mx::Stream stream, int group, int bits, bool quantize_x)
+      : mx::Primitive(stream), group_(group), bits_(bits), quantize_x_(quantize_x) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& x = inputs[0];
@@ -338,7 +506,7 @@ class CpuQuantizedMatmul : public mx::Primitive {
     encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
                       s = mx::array::unsafe_weak_copy(scales), b = mx::array::unsafe_weak_copy(biases),
                       out = mx::array::unsafe_weak_copy(out), extra, lora, per_seq, r, M, K, N, group = group_,
-                      bits = bits_]() mutable {
+                      bits = bits_, quantize_x = quantize_x_]() mutable {
       // A strided x (a transposed view) is gathered into rows here rather than by a graph node on every call.
       std::vector<float> gathered;
       const float* rows = x.data<float>();
@@ -353,9 +521,9 @@ class CpuQuantizedMatmul : public mx::Primitive {
         plan = plan_lora(rows, extra[0].data<float>(), extra[1].data<float>(), extra[2].data<float>(),
                          extra[3].data<uint32_t>(), M, K, N, r, per_seq);
       if (s.dtype() == mx::float16)
-        qmm(rows, packed, s.data<uint16_t>(), b.data<uint16_t>(), out.data<float>(), M, K, N, group, bits, plan);
+        qmm(rows, packed, s.data<uint16_t>(), b.data<uint16_t>(), out.data<float>(), M, K, N, group, bits, quantize_x, plan);
       else
-        qmm(rows, packed, s.data<float>(), b.data<float>(), out.data<float>(), M, K, N, group, bits, plan);
+        qmm(rows, packed, s.data<float>(), b.data<float>(), out.data<float>(), M, K, N, group, bits, quantize_x, plan);
     });
   }
 
@@ -367,17 +535,18 @@ class CpuQuantizedMatmul : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const CpuQuantizedMatmul&>(other);
-    return group_ == o.group_ && bits_ == o.bits_;
+    return group_ == o.group_ && bits_ == o.bits_ && quantize_x_ == o.quantize_x_;
   }
 
  private:
   int group_, bits_;
+  bool quantize_x_;
 };
 
 mx::array quantized_matmul(const mx::array& x_in, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, std::optional<mx::array> lora_a,
                            std::optional<mx::array> lora_b, std::optional<mx::array> lora_scales,
-                           std::optional<mx::array> slot_ids) {
+                           std::optional<mx::array> slot_ids, bool quantize_x) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
   if (group_size % CHUNK != 0) throw std::invalid_argument("group_size must be a multiple of 32");
   if (w.ndim() != 2 || w.dtype() != mx::uint32) throw std::invalid_argument("w must be a 2-D uint32 array");
@@ -407,7 +576,7 @@ mx::array quantized_matmul(const mx::array& x_in, const mx::array& w, const mx::
       throw std::invalid_argument("slot_ids needs one slot per sequence (x's first axis)");
     inputs.insert(inputs.end(), {a, b, ls, ids});
   }
-  return mx::array(shape, mx::float32, std::make_shared<CpuQuantizedMatmul>(s, group_size, bits), inputs);
+  return mx::array(shape, mx::float32, std::make_shared<CpuQuantizedMatmul>(s, group_size, bits, quantize_x), inputs);
 }
 
 // ---- decode attention: one query token per sequence ------------------------------------------------------------
@@ -539,7 +708,13 @@ NB_MODULE(_solverx_qmm, m) {
         "the threads each product may use (0: every core)");
   m.def("quantized_matmul", &quantized_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"), nb::arg("bits"), nb::arg("lora_a") = nb::none(), nb::arg("lora_b") = nb::none(),
-        nb::arg("lora_scales") = nb::none(), nb::arg("slot_ids") = nb::none(),
+        nb::arg("lora_scales") = nb::none(), nb::arg("slot_ids") = nb::none(), nb::arg("quantize_x") = false,
         "x @ dequantize(w, scales, biases).T for float32 x on the CPU, plus each sequence's LoRA delta "
-        "scale[id] * x @ a[id] @ b[id] when the stacks and one slot id per sequence (x's first axis) are given");
+        "scale[id] * x @ a[id] @ b[id] when the stacks and one slot id per sequence (x's first axis) are given; "
+        "quantize_x: x rounded to int8 per 32 values (VNNI), where INT8_X and K is a multiple of 64");
+#ifdef SOLVERX_INT8_X
+  m.attr("INT8_X") = true;
+#else
+  m.attr("INT8_X") = false;
+#endif
 }
