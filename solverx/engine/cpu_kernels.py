@@ -141,6 +141,14 @@ def _self_test(module: ModuleType) -> None:
         got = module.quantized_matmul(x, packed, scales, biases, GROUP, bits)
         if not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
             raise RuntimeError(f"self-test failed for {bits}-bit weights")
+        if module.INT8_X:  # the VNNI path computes x rounded per 32 values, exactly
+            chunks = x.reshape(3, -1, 32)
+            step = mx.abs(chunks).max(axis=-1, keepdims=True) / 127
+            rounded = (mx.round(chunks / step) * step).reshape(x.shape)
+            want = module.quantized_matmul(rounded, packed, scales, biases, GROUP, bits)
+            got = module.quantized_matmul(x, packed, scales, biases, GROUP, bits, quantize_x=True)
+            if not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
+                raise RuntimeError(f"self-test failed for {bits}-bit weights with int8 activations")
 
 
 _threads: int | None = None  # set_threads' count, applied when the module loads
