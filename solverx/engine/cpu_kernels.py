@@ -393,6 +393,8 @@ def speed_up(model: nn.Module, int8_activations: bool = False) -> SpeedUp:
     if available.module is None:
         return SpeedUp(0, 0, available.reason)
     int8_x = int8_activations and available.module.INT8_X
+    if int8_activations and not int8_x:
+        log.warning("int8 activations asked for, but this CPU has no AVX-512 VNNI: the kernel keeps float32 x")
     candidates = [
         (name, module, FastLinear)
         for name, module in model.named_modules()
