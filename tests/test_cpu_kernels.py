@@ -69,13 +69,6 @@ def test_kernel_adds_each_sequences_lora_delta(kernel, tokens):
     assert mx.allclose(got[1], base[1], rtol=1e-5, atol=1e-5).item()
 
 
-def _rounded_per_32(x: mx.array) -> mx.array:
-    """x as the int8 path sees it: rounded to int8 per 32 values, d = max|x| / 127 (GGUF's Q8_0)."""
-    chunks = x.reshape(*x.shape[:-1], -1, 32)
-    step = mx.abs(chunks).max(axis=-1, keepdims=True) / 127
-    return (mx.round(chunks / mx.where(step > 0, step, 1)) * step).reshape(x.shape)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
@@ -89,7 +82,7 @@ def test_int8_activations_compute_the_rounded_x_exactly(kernel, bits, group, row
     scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)
     x = mx.random.normal((rows, 384), key=mx.random.key(rows)) * 3
     x[0, :32] = 0.0  # an all-zero chunk
-    want = kernel.quantized_matmul(_rounded_per_32(x), packed, scales, biases, group, bits)
+    want = kernel.quantized_matmul(cpu_kernels.rounded_per_32(x), packed, scales, biases, group, bits)
     got = kernel.quantized_matmul(x, packed, scales, biases, group, bits, quantize_x=True)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-4).item()
     exact = kernel.quantized_matmul(x, packed, scales, biases, group, bits)

@@ -142,13 +142,17 @@ def _self_test(module: ModuleType) -> None:
         if not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
             raise RuntimeError(f"self-test failed for {bits}-bit weights")
         if module.INT8_X:  # the VNNI path computes x rounded per 32 values, exactly
-            chunks = x.reshape(3, -1, 32)
-            step = mx.abs(chunks).max(axis=-1, keepdims=True) / 127
-            rounded = (mx.round(chunks / step) * step).reshape(x.shape)
-            want = module.quantized_matmul(rounded, packed, scales, biases, GROUP, bits)
+            want = module.quantized_matmul(rounded_per_32(x), packed, scales, biases, GROUP, bits)
             got = module.quantized_matmul(x, packed, scales, biases, GROUP, bits, quantize_x=True)
             if not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
                 raise RuntimeError(f"self-test failed for {bits}-bit weights with int8 activations")
+
+
+def rounded_per_32(x: mx.array) -> mx.array:
+    """x as the int8-activation products see it: rounded to int8 per 32 values, d = max|x| / 127 (GGUF's Q8_0)."""
+    chunks = x.reshape(*x.shape[:-1], -1, 32)
+    step = mx.abs(chunks).max(axis=-1, keepdims=True) / 127
+    return (mx.round(chunks / mx.where(step > 0, step, 1)) * step).reshape(x.shape)
 
 
 _threads: int | None = None  # set_threads' count, applied when the module loads

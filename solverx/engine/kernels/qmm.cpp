@@ -240,10 +240,9 @@ void xprep_int8(const float* x, int rows, int K, int group, int bits, int8_t* xq
           const int at = bits == 8 ? half * CHUNK + i : (i % 2) * 32 + half * 16 + i / 2;
           q[at] = v;
         }
-        for (int lane = 0; lane < 16; ++lane) {
-          const bool second = bits == 8 ? lane >= 8 : (lane / 4) % 2 == 1;
-          if (second == (half == 1)) d[lane] = step;
-        }
+        const __mmask16 second = bits == 8 ? SECOND_CHUNK<8> : SECOND_CHUNK<4>;
+        for (int lane = 0; lane < 16; ++lane)
+          if (((second >> lane) & 1) == half) d[lane] = step;
         // The bias term takes the sum of the rounded x, as llama.cpp's Q8_1 does: w = s * q + bias with q in
         // [0, 15] is far from centred, so s * sum(q * rounding error) cancels only against bias * the same error.
         chunk_sums[p * 2 + half] = step * (float)total;
