@@ -251,6 +251,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="requests per single-stream and TTFT figure")
     parser.add_argument("--rounds", type=int, default=1, help="requests per client in the concurrent loads")
     parser.add_argument("--wait-idle", type=float, default=600, help="seconds to wait for other jobs to finish")
+    parser.add_argument(
+        "--cpu-activations",
+        choices=("float32", "int8"),
+        default="float32",
+        help="our daemon's setting of that name: int8 rounds x per 32 values as llama.cpp's Q4_1 products do",
+    )
     args = parser.parse_args()
     ensure_openblas()
     binary = ensure_llama_server()
@@ -272,6 +278,7 @@ def main() -> None:
         dirs, files = make_adapters(model_dir, Path(tmp), CLIENTS)
 
         flags = ("--prompt-cache-bytes", "0", "--max-resident-adapters", str(CLIENTS + 1))
+        flags += ("--cpu-activations", args.cpu_activations)
         idle = {"busy_before_start": round(wait_until_idle(args.wait_idle), 3)}
         with Foreign() as foreign, serve(model_dir, base_id, *flags) as daemon:
             import httpx
@@ -341,6 +348,7 @@ def main() -> None:
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
         "llama_server": str(binary),
         "threads": THREADS,
+        "cpu_activations": args.cpu_activations,
         "max_tokens": MAX_TOKENS,
         "clients": CLIENTS,
         "lora_rank": RANK,
@@ -353,9 +361,10 @@ def main() -> None:
         "other_jobs": idle,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {OUT.relative_to(REPO)} ({record['wall_s']} s)")
+    out = OUT if args.cpu_activations == "float32" else OUT.with_name(f"vs_llamacpp-{args.cpu_activations}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)} ({record['wall_s']} s)")
 
 
 if __name__ == "__main__":
